@@ -1,0 +1,124 @@
+"""Flow samplers and the lean adjoint of adjoint matching (QAM_SPEC.md §6).
+
+Time grid: K Euler steps, h = 1/K, t_i = i/K.  A *velocity field* is any callable
+``field(obs, x, t) -> dx/dt`` on flattened action chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def time_grid(num_steps: int, like: torch.Tensor) -> torch.Tensor:
+    """t_i = i/K as a (K, 1, 1) tensor, computed in float32 like the reference (i / K)."""
+    return (torch.arange(num_steps, device=like.device, dtype=like.dtype) / num_steps).view(num_steps, 1, 1)
+
+
+def memoryless_sigmas(times: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """σ_i = sqrt(2(1 - t_i + h) / (t_i + h)): the memoryless noise schedule with the "+h"
+    regularisers of the official code (not 1 - t - h)."""
+    h = 1.0 / num_steps
+    return torch.sqrt(2.0 * (1.0 - times + h) / (times + h))
+
+
+def euler_ode(field: VelocityFn, obs: torch.Tensor, x0: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """Deterministic Euler integration x ← x + f(s, x, i/K)/K from t=0 to 1 (unclipped)."""
+    x = x0
+    for t in time_grid(num_steps, x0):
+        x = x + field(obs, x, t) / num_steps
+    return x
+
+
+def memoryless_sde_trajectory(
+    fine_field: VelocityFn,
+    base_field: VelocityFn,
+    obs: torch.Tensor,
+    x0: torch.Tensor,
+    step_noise: torch.Tensor,
+    num_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward trajectory of adjoint matching (§6.1), without gradients.
+
+    Steps 0..K-2 follow the fine-tuned memoryless SDE  x += h(2 f_θ - x/(t+h)) + √h σ ε;
+    the last step is a deterministic ODE step with the base field.  ``step_noise[K-1]`` is
+    drawn by the reference but unused.  Returns (xs = [x_0..x_{K-1}] of shape (K, B, D), x_K).
+    """
+    h = 1.0 / num_steps
+    times = time_grid(num_steps, x0)
+    sigmas = memoryless_sigmas(times, num_steps)
+    xs = [x0]
+    x = x0
+    with torch.no_grad():
+        for i in range(num_steps - 1):
+            t = times[i]
+            drift = 2.0 * fine_field(obs, x, t) - x / (t + h)
+            x = x + h * drift + math.sqrt(h) * sigmas[i] * step_noise[i]
+            xs.append(x)
+        x_final = x + h * base_field(obs, x, times[-1])
+    return torch.stack(xs), x_final
+
+
+def lean_adjoint(
+    base_field: VelocityFn,
+    obs: torch.Tensor,
+    xs: torch.Tensor,
+    terminal_adjoint: torch.Tensor,
+    num_steps: int,
+) -> torch.Tensor:
+    """Backward Euler for dã/dt = -(∂b_β/∂x)ᵀ ã with the base drift b_β = 2 f_β - x/(t+h) (§6.3).
+
+    The vector-Jacobian product at step i is taken at the *left* state x_i but at time t_i + h,
+    and the last interval uses the same SDE-drift form.  Returns [ã_0..ã_{K-1}] (K, B, D), where
+    ã_i is the value after the update at step i; the result carries no graph.
+    """
+    h = 1.0 / num_steps
+    times = time_grid(num_steps, xs)
+    adjoint = terminal_adjoint.detach()
+    adjoints = [None] * num_steps
+    for i in reversed(range(num_steps)):
+        t_eval = times[i] + h
+        with torch.enable_grad():
+            x = xs[i].detach().requires_grad_(True)
+            f = base_field(obs, x, t_eval)
+            (vjp_f,) = torch.autograd.grad(f, x, grad_outputs=2.0 * adjoint)
+        # VJP of the linear part -x/(t+h) is -ã/(t+h); added analytically.
+        adjoint = adjoint + h * (vjp_f - adjoint / t_eval)
+        adjoints[i] = adjoint
+    return torch.stack(adjoints)
+
+
+def adjoint_matching_loss(
+    fine_field: VelocityFn,
+    base_field: VelocityFn,
+    obs: torch.Tensor,
+    x0: torch.Tensor,
+    step_noise: torch.Tensor,
+    num_steps: int,
+    terminal_adjoint_fn: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Adjoint-matching regression of the fine field onto the tilted target (§6.1-6.4).
+
+    ``terminal_adjoint_fn(x_K)`` gives ã_K = ∇_x[-τ·Q(s, x)] (QAM: the clipped target-critic mean).
+    L_AM = mean_B Σ_i Σ_d ((2/σ_i)(f_θ - f_β)(x_i, t_i) + σ_i ã_i)²: a sum over steps and dims with no
+    ½ or h factor; only f_θ receives gradients.  Returns (loss, intermediates, all detached but f_θ's graph).
+    """
+    xs, x_final = memoryless_sde_trajectory(fine_field, base_field, obs, x0, step_noise, num_steps)
+    adj_terminal = terminal_adjoint_fn(x_final).detach()
+    adjoints = lean_adjoint(base_field, obs, xs, adj_terminal, num_steps)
+    times = time_grid(num_steps, xs)
+    sigmas = memoryless_sigmas(times, num_steps)
+    with torch.no_grad():
+        vf_base = base_field(obs, xs, times)
+    vf_fine = fine_field(obs, xs, times)  # one batched (K·B) pass
+    control = (2.0 / sigmas) * (vf_fine - vf_base)
+    loss = (control + sigmas * adjoints).square().sum((0, 2)).mean()
+    inter = dict(
+        am_xs=xs, am_x_final=x_final, am_ts=times, am_sigmas=sigmas, am_adj_terminal=adj_terminal,
+        am_adjs=adjoints, am_vf_fine=vf_fine.detach(), am_vf_base=vf_base,
+    )
+    return loss, inter
