@@ -21,9 +21,6 @@ from torch import nn
 from qam_ray.core.flow import adjoint_matching_loss, euler_ode
 from qam_ray.core.networks import EnsembleCritic, TanhGaussianEditPolicy, VelocityField
 
-VARIANTS = ("QAM", "QAM-E", "QAM-F")
-
-
 # --------------------------------------------------------------------------------------------------
 # Hyperparameters
 # --------------------------------------------------------------------------------------------------
@@ -193,18 +190,34 @@ def policy_actions(
         return actions
 
 
+def sample_action_chunks(
+    nets: QAMNetworks, hp: QAMHyperparams, obs: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Draw the policy's noise and return action chunks of shape (B, horizon_length, action_dim)."""
+    shape = (obs.shape[0], hp.chunk_dim)
+    z = torch.randn(shape, generator=generator, device=obs.device)
+    edit_eps = torch.randn(shape, generator=generator, device=obs.device) if hp.variant == "QAM-E" else None
+    return policy_actions(nets, hp, obs, z, edit_eps).reshape(obs.shape[0], hp.horizon_length, hp.action_dim)
+
+
 # --------------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class QAMLosses:
+    total: torch.Tensor  # the one scalar that is differentiated (§8)
+    terms: dict[str, torch.Tensor]  # its summands, with their graphs: critic, flow, adjoint (+ one_step | edit, alpha)
+    metrics: dict[str, torch.Tensor]  # detached scalars; nothing here synchronises with the device
+    intermediates: dict[str, torch.Tensor]  # detached tensors the reference check compares
+
+
 def compute_losses(
     nets: QAMNetworks, hp: QAMHyperparams, batch: dict[str, torch.Tensor], draws: QAMDraws
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> QAMLosses:
     """One joint loss over every online module (§8).
 
     ``batch`` holds chunked samples: observations (B, obs), actions (B, H, A) and
     rewards / masks / valid (B, H), next_observations (B, H, obs); only the last chunk column is used.
-    Returns (total loss, scalar metrics, intermediates); metrics and intermediates are detached tensors,
-    so nothing here synchronises with the device.
     """
     obs = batch["observations"]
     batch_size = obs.shape[0]
@@ -235,15 +248,15 @@ def compute_losses(
     metrics["flow_loss"] = flow_loss.detach()
 
     # Adjoint matching for f_θ against the EMA base f_β (§6).
-    adj_loss = critic_adjoint_matching_loss(nets, hp, obs, draws, metrics, inter)
-    total = critic_loss + flow_loss + adj_loss
-
+    terms = {"critic": critic_loss, "flow": flow_loss}
+    terms["adjoint"] = critic_adjoint_matching_loss(nets, hp, obs, draws, metrics, inter)
     if hp.variant == "QAM-F":
-        total = total + one_step_policy_loss(nets, hp, obs, draws.policy_z, metrics, inter)
+        terms["one_step"] = one_step_policy_loss(nets, hp, obs, draws.policy_z, metrics, inter)
     elif hp.variant == "QAM-E":
-        total = total + edit_policy_loss(nets, hp, obs, draws, metrics)
+        terms["edit"], terms["alpha"] = edit_policy_loss(nets, hp, obs, draws, metrics)
+    total = sum(terms.values())
     metrics["total_loss"] = total.detach()
-    return total, metrics, inter
+    return QAMLosses(total, terms, metrics, inter)
 
 
 def critic_adjoint_matching_loss(nets, hp, obs, draws, metrics, inter) -> torch.Tensor:
@@ -282,7 +295,7 @@ def one_step_policy_loss(nets, hp, obs, z, metrics, inter) -> torch.Tensor:
     return q_loss + hp.fql_alpha * distill_loss
 
 
-def edit_policy_loss(nets, hp, obs, draws, metrics) -> torch.Tensor:
+def edit_policy_loss(nets, hp, obs, draws, metrics) -> tuple[torch.Tensor, torch.Tensor]:
     """QAM-E: maximise mean_E Q(s, clip(a_flow + β·e)) with SAC-style entropy tuning of α."""
     with torch.no_grad():
         flow_acts = flow_actions(nets, hp, obs, draws.policy_z)
@@ -295,7 +308,7 @@ def edit_policy_loss(nets, hp, obs, draws, metrics) -> torch.Tensor:
     edit_loss = -q.mean() + (alpha.detach() * log_prob).mean()
     alpha_loss = alpha * (entropy.detach() - target_entropy)
     metrics.update(edit_loss=edit_loss.detach(), edit_entropy=entropy.detach(), edit_alpha=alpha.detach())
-    return edit_loss + alpha_loss
+    return edit_loss, alpha_loss
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,8 +349,9 @@ def optimization_step(
     """loss → grads → clip → Polyak (pre-step) → Adam.  Returns (metrics, intermediates).
     ``on_raw_gradients`` runs after backward and before clipping (the reference check reads them)."""
     optimizer.zero_grad(set_to_none=True)
-    total, metrics, inter = compute_losses(nets, hp, batch, draws)
-    total.backward()
+    losses = compute_losses(nets, hp, batch, draws)
+    losses.total.backward()
+    metrics = losses.metrics
     if on_raw_gradients is not None:
         on_raw_gradients()
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -345,4 +359,4 @@ def optimization_step(
         metrics["grad_norm"] = clip_grad_global_norm_(grads, hp.clip_grad_max_norm)
     polyak_update_(nets, hp.tau)
     optimizer.step()
-    return metrics, inter
+    return metrics, losses.intermediates

@@ -1,0 +1,156 @@
+"""Device-resident transition buffer that samples action chunks like the reference's ``Dataset.sample_sequence``.
+
+The whole dataset lives on the learner's device, and start indices are drawn there with a ``torch.Generator``, so
+a batch costs a few gathers and no host round trip (DESIGN.md: learner-resident data). Chunk semantics follow
+QAM_SPEC §3; for a start t and step i = 0..H-1 (j = t + i):
+
+    actions[i]           a_j (the raw window, which may run past an episode end)
+    terminals[i]         max_{k<=i} terminal_{t+k}      (episode-boundary flags, not success)
+    valid[i]             1, or 1 - terminals[i-1] for i >= 1
+    rewards[i]           sum_{k<=i} discount^k * r_{t+k} * valid[k]
+    masks[i]             min of mask_{t+k} over the valid k <= i (a success inside the chunk stops bootstrapping)
+    next_observations[i] s'_j while valid, then repeated from the last valid step
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+TRANSITION_KEYS = ('observations', 'actions', 'next_observations', 'rewards', 'masks', 'terminals')
+# Keys holding one scalar per transition; the others hold a vector per transition.
+_SCALAR_KEYS = ('rewards', 'masks', 'terminals')
+
+
+class ChunkReplayBuffer:
+    """Fixed-capacity float32 storage for TRANSITION_KEYS; rows [0, size) hold data in time order."""
+
+    def __init__(self, storage: dict[str, torch.Tensor], size: int):
+        self._storage = storage
+        self._size = size
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], device: torch.device | str,
+                    capacity: int | None = None) -> ChunkReplayBuffer:
+        """Copy a dataset onto ``device`` once; ``capacity`` > N leaves room for online transitions."""
+        blocks = _as_block(arrays, 'cpu')
+        size = blocks['observations'].shape[0]
+        capacity = size if capacity is None else capacity
+        if capacity < size:
+            raise ValueError(f'capacity {capacity} is smaller than the dataset ({size} transitions).')
+        storage = {}
+        for key, block in blocks.items():
+            storage[key] = torch.zeros((capacity, *block.shape[1:]), dtype=torch.float32, device=device)
+            storage[key][:size].copy_(block)
+        return cls(storage, size)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        return self._storage['observations'].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self._storage['observations'].device
+
+    @property
+    def obs_dim(self) -> int:
+        return self._storage['observations'].shape[1]
+
+    @property
+    def action_dim(self) -> int:
+        return self._storage['actions'].shape[1]
+
+    def add_transitions(self, **transitions: torch.Tensor | np.ndarray) -> None:
+        """Append a block of n transitions (every key of TRANSITION_KEYS, leading dim n) after the current data.
+
+        Online data marks ``terminals`` = episode done and ``masks`` = 1 - terminated (QAM_SPEC §3).
+        """
+        blocks = _as_block(transitions, self.device)
+        count = blocks['observations'].shape[0]
+        for key, block in blocks.items():
+            if block.shape[1:] != self._storage[key].shape[1:]:
+                raise ValueError(
+                    f'{key!r} has per-transition shape {tuple(block.shape[1:])}, the buffer stores '
+                    f'{tuple(self._storage[key].shape[1:])}.'
+                )
+        if self._size + count > self.capacity:
+            raise RuntimeError(
+                f'ChunkReplayBuffer is full: {self._size}/{self.capacity} transitions stored, cannot add {count}. '
+                'Create it with capacity = offline transitions + online steps.'
+            )
+        for key, block in blocks.items():
+            self._storage[key][self._size : self._size + count] = block
+        self._size += count
+
+    def sample(self, batch_size: int, horizon: int, discount: float,
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A batch of chunks whose start is uniform over every full window, t in [0, size - horizon]."""
+        self._check_horizon(horizon)
+        if generator.device.type != self.device.type:
+            raise ValueError(f'generator is on {generator.device}, the buffer on {self.device}; they must match.')
+        starts = torch.randint(0, self._size - horizon + 1, (batch_size,), generator=generator, device=self.device)
+        return self._gather(starts, horizon, discount)
+
+    def gather_chunks(self, starts: torch.Tensor, horizon: int, discount: float) -> dict[str, torch.Tensor]:
+        """The chunks starting at the given indices (each in [0, size - horizon])."""
+        self._check_horizon(horizon)
+        starts = torch.as_tensor(starts, dtype=torch.long, device=self.device)
+        # sample() skips this check: it needs a device-to-host copy, and sample's starts are in range by construction.
+        if starts.numel() and (starts.min() < 0 or starts.max() > self._size - horizon):
+            raise IndexError(f'chunk starts must lie in [0, {self._size - horizon}] (size {self._size}, H {horizon}).')
+        return self._gather(starts, horizon, discount)
+
+    def _check_horizon(self, horizon: int) -> None:
+        if not 1 <= horizon <= self._size:
+            raise ValueError(f'horizon must be in [1, size={self._size}], got {horizon}.')
+
+    def _gather(self, starts: torch.Tensor, horizon: int, discount: float) -> dict[str, torch.Tensor]:
+        data = self._storage
+        steps = torch.arange(horizon, device=self.device)
+        index = starts[:, None] + steps  # (B, H)
+
+        terminals = torch.cummax(data['terminals'][index], dim=1).values
+        # valid[i] = 1 - terminals[i-1]: the step right after an episode end belongs to the next episode.
+        valid = torch.ones_like(terminals)
+        valid[:, 1:] = 1.0 - terminals[:, :-1]
+
+        step_discounts = discount ** steps.to(torch.float32)
+        rewards = torch.cumsum(data['rewards'][index] * step_discounts * valid, dim=1)
+        # Invalid steps must not lower the running minimum; +inf drops them from it.
+        masks = torch.cummin(torch.where(valid > 0, data['masks'][index], torch.inf), dim=1).values
+
+        # valid is 1 on a prefix of the chunk, so "repeat the last valid s'" means clamping i to the prefix end.
+        last_valid = valid.sum(dim=1, keepdim=True).long() - 1
+        next_index = starts[:, None] + torch.minimum(steps, last_valid)
+
+        return {
+            'observations': data['observations'][starts],
+            'actions': data['actions'][index],
+            'next_observations': data['next_observations'][next_index],
+            'rewards': rewards,
+            'masks': masks,
+            'terminals': terminals,
+            'valid': valid,
+        }
+
+
+def _as_block(arrays: Mapping[str, torch.Tensor | np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Check a block of transitions (exactly TRANSITION_KEYS, one leading length n) and make float32 tensors."""
+    if set(arrays) != set(TRANSITION_KEYS):
+        raise ValueError(f'expected exactly the keys {TRANSITION_KEYS}, got {sorted(arrays)}.')
+    blocks = {key: torch.as_tensor(arrays[key], dtype=torch.float32, device=device) for key in TRANSITION_KEYS}
+    for key, block in blocks.items():
+        scalar = key in _SCALAR_KEYS
+        if block.dim() != (1 if scalar else 2):
+            raise ValueError(f"{key!r} has shape {tuple(block.shape)}; expected {'(n,)' if scalar else '(n, dim)'}.")
+        if block.shape[0] != blocks['observations'].shape[0]:
+            raise ValueError(f"{key!r} has {block.shape[0]} rows, observations {blocks['observations'].shape[0]}.")
+    if blocks['next_observations'].shape[1:] != blocks['observations'].shape[1:]:
+        raise ValueError('next_observations and observations must have the same dim.')
+    return blocks
