@@ -27,7 +27,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import torch
 from tqdm import tqdm
 
-from qam_ray.data.ogbench_data import load_offline_dataset
+from qam_ray.data.ogbench_data import DatasetError, DatasetUnavailableError, load_offline_dataset
 from qam_ray.data.replay import ChunkReplayBuffer
 from qam_ray.domains import VARIANTS, domain_of_env
 from qam_ray.evaluation import evaluate, make_eval_env
@@ -92,7 +92,10 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     domain = domain_of_env(args.env)
-    dataset = load_offline_dataset(args.env, args.dataset_dir, sparse=domain.sparse and not args.no_sparse)
+    try:
+        dataset = load_offline_dataset(args.env, args.dataset_dir, sparse=domain.sparse and not args.no_sparse)
+    except (DatasetError, DatasetUnavailableError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     hp = hyperparams_for_env(args.env, args.variant, dataset.obs_dim, dataset.action_dim, args.overrides)
     buffer = ChunkReplayBuffer.from_arrays(dataset.train, device)
     trainer = OfflineTrainer(hp, buffer, args.batch_size, args.seed)

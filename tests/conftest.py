@@ -1,0 +1,17 @@
+"""Shared test data: a tiny but real OGBench dataset generated with the package's oracles."""
+
+from __future__ import annotations
+
+import pytest
+
+from qam_ray.data.generate import generate_dataset
+
+TINY_ENV = "cube-single-play-singletask-task2-v0"
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_dir(tmp_path_factory):
+    """3 episodes of 60 rows of cube-single play data (+1 val episode) in the official format."""
+    out = tmp_path_factory.mktemp("ogbench_data")
+    generate_dataset("cube-single", "play", episodes=3, seed=0, out_dir=out, episode_length=60, progress=False)
+    return str(out)
