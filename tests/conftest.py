@@ -15,3 +15,16 @@ def tiny_dataset_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("ogbench_data")
     generate_dataset("cube-single", "play", episodes=3, seed=0, out_dir=out, episode_length=60, progress=False)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A private local Ray instance (own temp dir, never an existing cluster); shut down after the session."""
+    import tempfile
+
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="qr", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,61 @@
+"""QAMRLModule: owns the QAM networks; inference returns flattened action chunks.
+
+``model_config`` holds the fields of :class:`QAMHyperparams` (a plain dict, so it pickles into checkpoints and
+rebuilds the module with ``RLModule.from_checkpoint``) plus ``seed`` for the acting noise.  On EnvRunners
+(``inference_only``) only the acting networks exist: the critics and the training-only flows are dropped, so
+weight syncs stay small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis import InferenceOnlyAPI
+from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
+
+from qam_ray.core.qam import QAMHyperparams, QAMNetworks, sample_action_chunks
+
+HYPERPARAM_FIELDS = tuple(f.name for f in dataclasses.fields(QAMHyperparams))
+
+
+def hyperparams_from_model_config(model_config: dict) -> QAMHyperparams:
+    return QAMHyperparams(**{k: model_config[k] for k in HYPERPARAM_FIELDS if k in model_config})
+
+
+class QAMRLModule(TorchRLModule, InferenceOnlyAPI):
+    def setup(self):
+        self.hp = hyperparams_from_model_config(self.model_config)
+        self.nets = QAMNetworks(self.hp)
+        self._generator = None  # created lazily on the module's device
+        if self.inference_only:
+            # Pruned here: Ray 2.60's TorchRLModule.__init__ deletes a nested attribute such as "nets.critic"
+            # from the module itself instead of from its parent, so it cannot do this for us.
+            for name in self.get_non_inference_attributes():
+                delattr(self.nets, name.split(".", 1)[1])
+
+    def get_non_inference_attributes(self) -> list[str]:
+        # Acting uses f_θ (f_β when inv_temp == 0) and the QAM-F / QAM-E policy heads only.
+        dropped = ["nets.critic", "nets.target_critic", "nets.target_actor_slow"]
+        if self.hp.inv_temp > 0:
+            dropped.append("nets.actor_slow")
+        return dropped
+
+    def _action_chunks(self, batch: dict) -> dict:
+        obs = batch[Columns.OBS].float()
+        if self._generator is None or self._generator.device != obs.device:
+            seed = int(self.model_config.get("seed", 0))
+            self._generator = torch.Generator(device=obs.device).manual_seed(seed)
+        chunks = sample_action_chunks(self.nets, self.hp, obs, self._generator)
+        return {Columns.ACTIONS: chunks.reshape(obs.shape[0], -1)}
+
+    def _forward_inference(self, batch: dict, **kwargs) -> dict:
+        return self._action_chunks(batch)
+
+    def _forward_exploration(self, batch: dict, **kwargs) -> dict:
+        # QAM explores with its own stochastic policy (fresh noise per chunk), as the reference does online.
+        return self._action_chunks(batch)
+
+    def _forward_train(self, batch: dict, **kwargs) -> dict:
+        raise NotImplementedError("QAM trains through QAMTorchLearner.run_steps, not forward_train")
