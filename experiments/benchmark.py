@@ -25,10 +25,10 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo; also silences GLFW's DISPLAY warning
+
 import torch
 
-from qam_ray.core.qam import QAMHyperparams
 from qam_ray.data.replay import ChunkReplayBuffer
 from qam_ray.training import OfflineTrainer
 
@@ -36,41 +36,64 @@ SIZES = {
     "full": dict(hidden=(512, 512, 512, 512), num_qs=10, batch=256),
     "small": dict(hidden=(64, 64), num_qs=2, batch=64),
 }
-OBS_DIM, ACTION_DIM, HORIZON, FLOW_STEPS, DATASET_ROWS = 40, 5, 5, 10, 20_000
+# scene has obs 40 and action 5, and its chunk length is 5: exactly the spec's full-size shapes.
+BENCH_DOMAIN, BENCH_TASK = "scene-play", 1
+BENCH_ENV = f"{BENCH_DOMAIN}-singletask-task{BENCH_TASK}-v0"
 
 
-def hyperparams(size: str) -> QAMHyperparams:
+def size_overrides(size: str) -> dict:
     spec = SIZES[size]
-    return QAMHyperparams(
-        obs_dim=OBS_DIM, action_dim=ACTION_DIM, horizon_length=HORIZON, actor_hidden_dims=spec["hidden"],
-        value_hidden_dims=spec["hidden"], num_qs=spec["num_qs"], flow_steps=FLOW_STEPS, inv_temp=1.0,
-    )
+    return dict(actor_hidden_dims=spec["hidden"], value_hidden_dims=spec["hidden"], num_qs=spec["num_qs"], flow_steps=10)
 
 
-def synthetic_dataset(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random transitions with episodes of 100 steps: the update cost does not depend on the values."""
-    rng = np.random.default_rng(seed)
-    terminals = np.zeros(rows, np.float32)
-    terminals[99::100] = 1.0
-    return {
-        "observations": rng.standard_normal((rows, OBS_DIM), dtype=np.float32),
-        "next_observations": rng.standard_normal((rows, OBS_DIM), dtype=np.float32),
-        "actions": rng.uniform(-1, 1, (rows, ACTION_DIM)).astype(np.float32),
-        "rewards": -rng.integers(0, 2, rows).astype(np.float32),
-        "masks": np.ones(rows, np.float32),
-        "terminals": terminals,
-    }
+def ensure_dataset(dataset_dir: str) -> str:
+    """A small generated scene-play dataset (3 episodes); the update cost does not depend on the data."""
+    from qam_ray.data.generate import generate_dataset
+
+    if not os.path.exists(os.path.join(dataset_dir, "scene-play-v0.npz")):
+        generate_dataset("scene", "play", episodes=3, seed=0, out_dir=dataset_dir, progress=False)
+    return dataset_dir
 
 
-def time_plain(size: str, steps: int, device: torch.device, warmup: int = 3) -> dict:
+def time_plain(size: str, steps: int, device: torch.device, dataset_dir: str, threads: int) -> dict:
     """The math core's loop: sample a chunk batch on-device, one optimisation step, repeat."""
-    trainer = OfflineTrainer(hyperparams(size), ChunkReplayBuffer.from_arrays(synthetic_dataset(DATASET_ROWS), device),
-                             batch_size=SIZES[size]["batch"])
-    trainer.train(warmup)
+    from qam_ray.data.ogbench_data import load_offline_dataset
+    from qam_ray.training import hyperparams_for_env
+
+    dataset = load_offline_dataset(BENCH_ENV, dataset_dir, sparse=True)
+    hp = hyperparams_for_env(BENCH_ENV, "QAM", dataset.obs_dim, dataset.action_dim, size_overrides(size))
+    trainer = OfflineTrainer(hp, ChunkReplayBuffer.from_arrays(dataset.train, device), batch_size=SIZES[size]["batch"])
+    trainer.train(WARMUP_STEPS)
     synchronize(device)
     start = time.perf_counter()
     trainer.train(steps)  # returns means via one host sync, so the time covers all the work
-    elapsed = time.perf_counter() - start
+    return rates(steps, time.perf_counter() - start)
+
+
+def time_rllib(num_learners: int):
+    """``Algorithm.train()`` with ``steps`` gradient steps per iteration, on a local or a remote learner."""
+
+    def run(size: str, steps: int, device: torch.device, dataset_dir: str, threads: int) -> dict:
+        from qam_ray.rllib.algorithm import QAMConfig
+
+        config = (QAMConfig().ogbench(BENCH_DOMAIN, task=BENCH_TASK, dataset_dir=dataset_dir)
+                  .training(**size_overrides(size), num_steps_per_iteration=steps,
+                            train_batch_size_per_learner=SIZES[size]["batch"])
+                  .learners(num_learners=num_learners, num_cpus_per_learner=threads,
+                            num_gpus_per_learner=1 if device.type == "cuda" else 0))
+        algo = config.build_algo()
+        try:
+            algo.learner_group.foreach_learner(lambda learner: learner.run_steps(WARMUP_STEPS, SIZES[size]["batch"]))
+            start = time.perf_counter()
+            algo.train()
+            return rates(steps, time.perf_counter() - start)
+        finally:
+            algo.stop()
+
+    return run
+
+
+def rates(steps: int, elapsed: float) -> dict:
     return {"updates_per_s": steps / elapsed, "seconds_per_update": elapsed / steps}
 
 
@@ -118,14 +141,17 @@ def write_records(path: str, records: list[dict]) -> None:
         json.dump(merged, f, indent=1)
 
 
-BENCHMARKS = {"plain": time_plain}
+WARMUP_STEPS = 3
+BENCHMARKS = {"plain": time_plain, "rllib_local": time_rllib(0), "rllib_remote": time_rllib(1)}
+RAY_BENCHMARKS = ("rllib_local", "rllib_remote")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--steps", type=int, default=20, help="timed updates per benchmark")
-    p.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), default=sorted(BENCHMARKS))
+    p.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    p.add_argument("--dataset-dir", default="data/bench", help="where the small generated benchmark dataset lives")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or all)")
     p.add_argument("--json", default=None, help="JSON file to add the records to")
@@ -135,15 +161,27 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     common = {"size": args.size, "device": device.type, "steps": args.steps, "batch_size": SIZES[args.size]["batch"],
+              "dataset": BENCH_ENV + " (generated)",
               "git_commit": git_commit(), "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               **machine_info(device)}
+    dataset_dir = ensure_dataset(os.path.abspath(args.dataset_dir))
+    if any(name in RAY_BENCHMARKS for name in args.only):
+        import ray
+
+        ray.init(address="local", num_cpus=max(2, torch.get_num_threads()), include_dashboard=False,
+                 log_to_driver=False)
     records = []
     for name in args.only:
-        result = BENCHMARKS[name](args.size, args.steps, device)
-        record = {"name": name, **result, **common}
-        records.append(record)
+        result = BENCHMARKS[name](args.size, args.steps, device, dataset_dir, torch.get_num_threads())
+        records.append({"name": name, **result, **common})
         print(f"{name:>14} {args.size:>5} {device.type}: {result['updates_per_s']:8.2f} updates/s "
               f"({result['seconds_per_update'] * 1e3:.1f} ms/update)")
+    # Ratios only within this run: same machine, same moment.
+    plain = next((r for r in records if r["name"] == "plain"), None)
+    for record in records:
+        if plain is not None and record is not plain:
+            record["ratio_to_plain"] = record["updates_per_s"] / plain["updates_per_s"]
+            print(f"{record['name']:>14} / plain = {record['ratio_to_plain']:.3f}")
     if args.json:
         write_records(args.json, records)
     return 0

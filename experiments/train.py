@@ -1,11 +1,12 @@
-"""Train QAM offline on one OGBench singletask dataset and evaluate it (plain PyTorch, no Ray).
+"""Train QAM offline on one OGBench singletask dataset with the RLlib algorithm, evaluating on the env.
 
     python experiments/train.py --env cube-single-play-singletask-task2-v0 --dataset-dir data/generated \
-        --steps 20000 --eval-every 10000 --eval-episodes 50 --set actor_hidden_dims=[256,256] --out runs/demo
+        --steps 20000 --eval-every 5000 --eval-episodes 50 --set "actor_hidden_dims=(256,256)" --out runs/demo
 
-Per-domain hyperparameters come from the registry (qam_ray.domains); ``--set key=value`` overrides any
-field of QAMHyperparams (values are Python literals).  Writes config.json, metrics.csv, eval.csv and
-checkpoint.pt to --out.
+Per-domain hyperparameters come from the registry (``QAMConfig.ogbench``); ``--set key=value`` overrides any
+QAM hyperparameter (``QAMHyperparams`` names; values are Python literals).  ``--learners N`` trains on N remote
+learners (gradients averaged), ``--gpus-per-learner`` puts them (or the local learner) on GPUs.  Writes
+config.json, metrics.csv, eval.csv and an RLlib checkpoint to --out.  Without RAY_ADDRESS a local Ray starts.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
-import dataclasses
 import json
 import os
 import sys
@@ -24,14 +24,13 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
-from tqdm import tqdm
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo; also silences GLFW's DISPLAY warning
 
-from qam_ray.data.ogbench_data import DatasetError, DatasetUnavailableError, load_offline_dataset
-from qam_ray.data.replay import ChunkReplayBuffer
-from qam_ray.domains import VARIANTS, domain_of_env
-from qam_ray.evaluation import evaluate, make_eval_env
-from qam_ray.training import OfflineTrainer, hyperparams_for_env
+from qam_ray.domains import VARIANTS, parse_singletask_name
+from qam_ray.training import hyperparams_for_env
+
+# QAMHyperparams names that RLlib's AlgorithmConfig already has under its own name.
+RLLIB_NAMES = {"discount": "gamma", "clip_grad_max_norm": "grad_clip"}
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -43,7 +42,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         try:
             overrides[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            raise SystemExit(f"--set {pair!r}: {text!r} is not a Python literal (e.g. 3.0, [256,256], None)") from None
+            raise SystemExit(f"--set {pair!r}: {text!r} is not a Python literal (e.g. 3.0, (256,256), None)") from None
     return overrides
 
 
@@ -53,27 +52,45 @@ def parse_args(argv=None):
     p.add_argument("--dataset-dir", default=None, help="folder with <dataset>.npz files (default: OGBench's download dir)")
     p.add_argument("--variant", default="QAM", choices=VARIANTS)
     p.add_argument("--steps", type=int, default=1_000_000, help="offline gradient steps")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--log-every", type=int, default=1000)
-    p.add_argument("--eval-every", type=int, default=50_000, help="0 = only at the end")
+    p.add_argument("--batch-size", type=int, default=256, help="per learner")
+    p.add_argument("--log-every", type=int, default=1000, help="gradient steps per training iteration")
+    p.add_argument("--eval-every", type=int, default=50_000, help="a multiple of --log-every; 0 = only at the end")
     p.add_argument("--eval-episodes", type=int, default=50)
+    p.add_argument("--eval-env-runners", type=int, default=0, help="remote evaluation EnvRunners (0 = in-process)")
+    p.add_argument("--learners", type=int, default=0, help="remote learners (0 = a local learner in this process)")
+    p.add_argument("--gpus-per-learner", type=float, default=0, help="fractional values share a GPU")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or all cores)")
-    p.add_argument("--no-sparse", action="store_true", help="keep dense rewards even where the domain is sparse")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads here (default: OMP_NUM_THREADS or all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="output folder for config, metrics, evaluations and checkpoint")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "log_every", "eval_episodes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.eval_every % args.log_every:
+        p.error(f"--eval-every {args.eval_every} must be a multiple of --log-every {args.log_every}")
     args.overrides = parse_overrides(args.overrides)
-    # Fail on bad names/overrides before the (slow) dataset load.
+    # Fail on bad names and overrides before Ray or the dataset load.
     try:
         hyperparams_for_env(args.env, args.variant, 1, 1, args.overrides)
     except (ValueError, TypeError) as exc:
         p.error(str(exc))
     return args
+
+
+def build_config(args):
+    from qam_ray.rllib.algorithm import QAMConfig
+
+    name = parse_singletask_name(args.env)
+    config = QAMConfig().ogbench(name.domain_name, task=name.task, variant=args.variant, dataset_dir=args.dataset_dir)
+    for key, value in args.overrides.items():
+        setattr(config, RLLIB_NAMES.get(key, key), value)
+    return (config.training(num_steps_per_iteration=args.log_every, train_batch_size_per_learner=args.batch_size)
+            .learners(num_learners=args.learners, num_gpus_per_learner=args.gpus_per_learner)
+            # An interval is always set so the evaluation EnvRunners exist; eval_every=0 evaluates at the end.
+            .evaluation(evaluation_interval=max(1, (args.eval_every or args.steps) // args.log_every),
+                        evaluation_duration=args.eval_episodes, evaluation_num_env_runners=args.eval_env_runners)
+            .debugging(seed=args.seed))
 
 
 def append_csv(path: str, row: dict) -> None:
@@ -85,60 +102,68 @@ def append_csv(path: str, row: dict) -> None:
         writer.writerow(row)
 
 
+def eval_row(step: int, evaluation: dict, wall: float) -> dict:
+    runners = evaluation["env_runners"]
+    return {"step": step, "success_rate": float(runners["success_rate"]),
+            "episode_length": float(runners["episode_env_steps"]), "episodes": int(runners["num_episodes"]),
+            "wall_s": round(wall, 1)}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import ray
+    import torch
+    from tqdm import tqdm
+
+    from qam_ray.data.ogbench_data import DatasetError, DatasetUnavailableError
+
     if args.threads or os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(args.threads or int(os.environ["OMP_NUM_THREADS"]))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    domain = domain_of_env(args.env)
+    config = build_config(args)
+    config.validate()
+    if args.out:
+        args.out = os.path.abspath(args.out)
+        os.makedirs(args.out, exist_ok=True)
+    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     try:
-        dataset = load_offline_dataset(args.env, args.dataset_dir, sparse=domain.sparse and not args.no_sparse)
+        algo = config.build_algo()
     except (DatasetError, DatasetUnavailableError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    hp = hyperparams_for_env(args.env, args.variant, dataset.obs_dim, dataset.action_dim, args.overrides)
-    buffer = ChunkReplayBuffer.from_arrays(dataset.train, device)
-    trainer = OfflineTrainer(hp, buffer, args.batch_size, args.seed)
-    env = make_eval_env(args.env)
-    config = {
-        "env": args.env, "variant": hp.variant, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
-        "device": str(device), "dataset_source": dataset.source, "dataset_sha256": dataset.sha256,
-        "transitions": buffer.size, "hyperparams": dataclasses.asdict(hp),
-    }
-    print(json.dumps(config, indent=1))
+    summary = {"env": args.env, "variant": args.variant, "seed": args.seed, "steps": args.steps,
+               "learners": args.learners, **algo.dataset_info,
+               "hyperparams": vars(config.qam_hyperparams(config.observation_space.shape[0],
+                                                          config.action_space.shape[0] // config.horizon_length))}
+    print(json.dumps(summary, indent=1, default=str))
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
+            json.dump(summary, f, indent=1, default=str)
 
-    def run_eval():
-        result = evaluate(args.env, trainer.act, args.eval_episodes, seed=10_000 + args.seed, env=env)
-        row = {"step": trainer.step, **result, "wall_s": round(time.time() - start, 1)}
-        tqdm.write(f"eval @ {trainer.step}: " + json.dumps(row))
-        if args.out:
-            append_csv(os.path.join(args.out, "eval.csv"), row)
-        return row
-
-    start = time.time()
-    last_eval = None
+    start, step, last_eval = time.time(), 0, None
     with tqdm(total=args.steps, unit="step", dynamic_ncols=True) as bar:
-        while trainer.step < args.steps:
-            n = min(args.log_every, args.steps - trainer.step)
-            t0 = time.time()
-            metrics = trainer.train(n)
-            row = {"step": trainer.step, **{k: round(v, 6) for k, v in metrics.items()},
-                   "updates_per_s": round(n / (time.time() - t0), 2)}
-            bar.update(n)
-            bar.set_postfix(loss=f"{metrics['total_loss']:.3g}", q=f"{metrics['q_mean']:.3g}", ups=row["updates_per_s"])
+        while step < args.steps:
+            result = algo.train()
+            step = int(result["num_gradient_steps_lifetime"])
+            metrics = result["learners"]["default_policy"]
+            row = {"step": step, **{k: round(float(v), 6) for k, v in sorted(metrics.items())}}
+            bar.update(args.log_every)
+            bar.set_postfix(loss=f"{row['total_loss']:.3g}", q=f"{row['q_mean']:.3g}", ups=f"{row['updates_per_s']:.1f}")
             if args.out:
                 append_csv(os.path.join(args.out, "metrics.csv"), row)
-            if args.eval_every and trainer.step % args.eval_every == 0 and trainer.step < args.steps:
-                run_eval()
-    last_eval = run_eval()
+            if "evaluation" in result:
+                last_eval = eval_row(step, result["evaluation"], time.time() - start)
+                tqdm.write("eval: " + json.dumps(last_eval))
+                if args.out:
+                    append_csv(os.path.join(args.out, "eval.csv"), last_eval)
+    if last_eval is None or last_eval["step"] != step:
+        last_eval = eval_row(step, algo.evaluate(), time.time() - start)
+        print("eval: " + json.dumps(last_eval))
+        if args.out:
+            append_csv(os.path.join(args.out, "eval.csv"), last_eval)
     if args.out:
-        torch.save(trainer.state_dict(), os.path.join(args.out, "checkpoint.pt"))
-    print(f"done: {trainer.step} steps in {time.time() - start:.0f} s, "
-          f"success rate {last_eval['success_rate']:.3f} over {args.eval_episodes} episodes")
+        algo.save_to_path(os.path.join(args.out, "checkpoint"))
+    algo.stop()
+    print(f"done: {step} steps in {time.time() - start:.0f} s, "
+          f"success rate {last_eval['success_rate']:.3f} over {last_eval['episodes']} episodes")
     return 0
 
 

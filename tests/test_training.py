@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -61,23 +62,26 @@ def test_nan_loss_stops_training_loudly(tiny_dataset_dir):
         trainer.train(2)
 
 
-def test_train_cli_end_to_end(tiny_dataset_dir, tmp_path):
+def test_train_cli_end_to_end(local_ray, tiny_dataset_dir, tmp_path):
+    """The CLI trains through the RLlib algorithm (a no-op ray.init joins the test's private Ray)."""
     script = load_train_script()
     out = tmp_path / "run"
     args = ["--env", TINY_ENV, "--dataset-dir", tiny_dataset_dir, "--steps", "6", "--log-every", "3",
             "--eval-every", "3", "--eval-episodes", "1", "--out", str(out)]
     for key, value in TINY.items():
         args += ["--set", f"{key}={value!r}"]
+    args += ["--batch-size", "8"]
     assert script.main(args) == 0
     metrics = list(csv.DictReader(open(out / "metrics.csv")))
     evals = list(csv.DictReader(open(out / "eval.csv")))
     assert [int(r["step"]) for r in metrics] == [3, 6] and [int(r["step"]) for r in evals] == [3, 6]
     assert 0.0 <= float(evals[-1]["success_rate"]) <= 1.0 and float(evals[-1]["episode_length"]) > 0
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 6 and state["hp"]["actor_hidden_dims"] == (16, 16)
+    assert (out / "checkpoint" / "learner_group" / "learner" / "rl_module" / "default_policy").is_dir()
+    config = json.load(open(out / "config.json"))
+    assert config["dataset_source"] == "generated" and list(config["hyperparams"]["actor_hidden_dims"]) == [16, 16]
 
 
-def test_train_cli_fails_early_with_clear_messages(tmp_path, capsys):
+def test_train_cli_fails_early_with_clear_messages(local_ray, tmp_path, capsys):
     script = load_train_script()
     with pytest.raises(SystemExit):
         script.main(["--env", TINY_ENV, "--set", "bogus=1"])
@@ -86,5 +90,6 @@ def test_train_cli_fails_early_with_clear_messages(tmp_path, capsys):
         script.main(["--env", "cube-single-play-task2-v0"])  # not a singletask name
     assert "singletask" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--dataset-dir"):  # no data and no network here
-        script.main(["--env", TINY_ENV, "--dataset-dir", str(tmp_path / "empty"), "--steps", "1"])
+        script.main(["--env", TINY_ENV, "--dataset-dir", str(tmp_path / "empty"), "--steps", "1",
+                     "--log-every", "1", "--set", "num_qs=2"])
     assert not os.path.exists(tmp_path / "empty" / "cube-single-play-v0.npz")

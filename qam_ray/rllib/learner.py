@@ -28,6 +28,9 @@ GENERATOR_STATE = "qam_generator_state"
 
 class QAMTorchLearner(TorchLearner):
     def build(self) -> None:
+        if self.config.num_learners > 0:  # a learner actor: size torch's threads to its CPU bundle (RAY_NOTES #15)
+            cpus = self.config.num_cpus_per_learner
+            torch.set_num_threads(max(1, int(cpus)) if isinstance(cpus, (int, float)) else 1)
         super().build()
         self.buffer: ChunkReplayBuffer | None = None
         self.gradient_steps = 0
