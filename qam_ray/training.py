@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from qam_ray.core.qam import (
+    HYPERPARAM_FIELDS,
     QAMHyperparams,
     QAMNetworks,
     make_optimizer,
@@ -23,11 +25,43 @@ from qam_ray.core.qam import (
 from qam_ray.data.replay import ChunkReplayBuffer
 from qam_ray.domains import VARIANTS, domain_of_env, variant_hparams
 
-HYPERPARAM_FIELDS = {f.name for f in dataclasses.fields(QAMHyperparams)}
-
-
 class NonFiniteLossError(FloatingPointError):
     """Training produced NaN/inf; stop instead of training on garbage."""
+
+
+def run_updates(
+    nets: QAMNetworks,
+    hp: QAMHyperparams,
+    optimizer: torch.optim.Optimizer,
+    buffer: ChunkReplayBuffer,
+    generator: torch.Generator,
+    num_steps: int,
+    batch_size: int,
+    first_step: int = 0,
+    on_raw_gradients: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """``num_steps`` QAM updates on chunks sampled on the buffer's device; returns each metric's mean over them.
+
+    Metrics stay on the device until the end (one host sync per call).  A NaN/inf metric raises
+    NonFiniteLossError naming the metrics and the gradient steps [first_step, first_step + num_steps).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    for _ in range(num_steps):
+        batch = buffer.sample(batch_size, hp.horizon_length, hp.discount, generator)
+        draws = sample_draws(hp, batch_size, generator, buffer.device)
+        metrics, _ = optimization_step(nets, hp, optimizer, batch, draws, on_raw_gradients)
+        for key, value in metrics.items():
+            sums[key] = sums[key] + value if key in sums else value.clone()
+    names = list(sums)
+    means = dict(zip(names, (torch.stack([sums[k] for k in names]) / num_steps).tolist()))
+    bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite training metrics {bad} in gradient steps [{first_step}, {first_step + num_steps}): "
+            f"check the dataset for extreme rewards/observations, or lower lr (now {hp.lr}) / inv_temp "
+            f"(now {hp.inv_temp})."
+        )
+    return means
 
 
 def hyperparams_for_env(
@@ -41,7 +75,7 @@ def hyperparams_for_env(
         obs_dim=obs_dim, action_dim=action_dim, horizon_length=domain.horizon_length,
         discount=domain.discount, rho=domain.rho, **variant_hparams(domain, variant),
     )
-    unknown = set(overrides or {}) - HYPERPARAM_FIELDS
+    unknown = set(overrides or {}) - set(HYPERPARAM_FIELDS)
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(HYPERPARAM_FIELDS)}")
     values.update(overrides or {})
@@ -62,25 +96,9 @@ class OfflineTrainer:
 
     def train(self, num_steps: int) -> dict[str, float]:
         """``num_steps`` updates; returns each metric's mean over them (one host sync per call)."""
-        sums: dict[str, torch.Tensor] = {}
-        hp = self.hp
-        for _ in range(num_steps):
-            batch = self.buffer.sample(self.batch_size, hp.horizon_length, hp.discount, self.generator)
-            draws = sample_draws(hp, self.batch_size, self.generator, self.device)
-            metrics, _ = optimization_step(self.nets, hp, self.optimizer, batch, draws)
-            for key, value in metrics.items():
-                sums[key] = sums[key] + value if key in sums else value.clone()
-        first = self.step
+        means = run_updates(self.nets, self.hp, self.optimizer, self.buffer, self.generator, num_steps,
+                            self.batch_size, first_step=self.step)
         self.step += num_steps
-        names = list(sums)
-        means = dict(zip(names, (torch.stack([sums[k] for k in names]) / num_steps).tolist()))
-        bad = [k for k, v in means.items() if not math.isfinite(v)]
-        if bad:
-            raise NonFiniteLossError(
-                f"non-finite training metrics {bad} in gradient steps [{first}, {self.step}): "
-                f"{ {k: means[k] for k in bad} }. Check the dataset for extreme rewards/observations, or lower "
-                f"lr (now {hp.lr}) / inv_temp (now {hp.inv_temp})."
-            )
         return means
 
     def act(self, observations: np.ndarray) -> np.ndarray:

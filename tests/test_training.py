@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from qam_ray.data.ogbench_data import load_offline_dataset
 from qam_ray.data.replay import ChunkReplayBuffer

@@ -62,6 +62,9 @@ class QAMHyperparams:
         return "QAM-F" if self.fql_alpha > 0 else "QAM-E" if self.edit_scale > 0 else "QAM"
 
 
+HYPERPARAM_FIELDS = tuple(f.name for f in dataclasses.fields(QAMHyperparams))
+
+
 def validate_hyperparams(hp: QAMHyperparams) -> list[str]:
     """Every problem at once, each naming the field and the allowed values."""
     errors = []

@@ -21,11 +21,12 @@ import numpy as np
 import ogbench
 from ogbench.utils import DEFAULT_DATASET_DIR
 
+from qam_ray.data.generate import read_manifest
+from qam_ray.data.replay import TRANSITION_KEYS
 from qam_ray.domains import MANIPULATION_FAMILIES, SINGLETASK_FORM, SingletaskName, parse_singletask_name
 
 # The reference clips dataset actions to [-1 + eps, 1 - eps] (env_utils.py:138-146); the 100M shards are not clipped.
 ACTION_CLIP_EPS = 1e-5
-TRANSITION_KEYS = ('observations', 'actions', 'next_observations', 'rewards', 'masks', 'terminals')
 # Families whose singletask reward also needs the button states next to qpos (ogbench/relabel_utils.py).
 _BUTTON_FAMILIES = ('scene', 'puzzle')
 
@@ -92,7 +93,11 @@ def load_offline_dataset(env_name: str, dataset_dir: str | os.PathLike | None = 
         _check_loaded(data, path, name, obs_dim, action_dim)
         splits[split] = _preprocess(data, sparse, clip_actions)
 
-    manifest = _read_manifest(dataset_dir, name.dataset_name)
+    try:
+        manifest = read_manifest(dataset_dir, name.dataset_name)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f'the manifest of {name.dataset_name} in {dataset_dir} is not valid JSON ({error}); '
+                           'regenerate the dataset.') from None
     with open(train_path, 'rb') as file:
         sha256 = hashlib.file_digest(file, 'sha256').hexdigest()
     return OfflineDataset(
@@ -245,15 +250,3 @@ def _preprocess(data: dict, sparse: bool, clip_actions: bool) -> dict[str, np.nd
     if clip_actions:
         out['actions'] = np.clip(out['actions'], -1 + ACTION_CLIP_EPS, 1 - ACTION_CLIP_EPS)
     return out
-
-
-def _read_manifest(dataset_dir: str, dataset_file_stem: str) -> dict | None:
-    # Same convention as qam_ray.data.generate.read_manifest (<dir>/<stem>.manifest.json); to be unified with it.
-    path = os.path.join(dataset_dir, f'{dataset_file_stem}.manifest.json')
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as file:
-            return json.load(file)
-    except json.JSONDecodeError as error:
-        raise DatasetError(f'{path} is not valid JSON ({error}); regenerate the dataset.') from None

@@ -10,17 +10,14 @@ all-reduce per step before clipping (the module is not DDP-wrapped: the loss cal
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
-from qam_ray.core.qam import optimization_step, sample_draws
 from qam_ray.data.ogbench_data import load_offline_dataset
 from qam_ray.data.replay import ChunkReplayBuffer
-from qam_ray.training import NonFiniteLossError
+from qam_ray.training import run_updates
 
 OPTIMIZER_NAME = "adam"
 GENERATOR_STATE = "qam_generator_state"
@@ -70,26 +67,13 @@ class QAMTorchLearner(TorchLearner):
         if self.buffer is None:
             raise RuntimeError("QAMTorchLearner.run_steps before load_dataset: the algorithm's setup loads it")
         module = self.qam_module
-        nets, hp = module.nets, module.hp
-        optimizer = self.get_optimizer(DEFAULT_MODULE_ID, OPTIMIZER_NAME)
         average = self._average_gradients if dist.is_initialized() and dist.get_world_size() > 1 else None
-        sums: dict[str, torch.Tensor] = {}
-        for _ in range(num_steps):
-            batch = self.buffer.sample(batch_size, hp.horizon_length, hp.discount, self._generator)
-            draws = sample_draws(hp, batch_size, self._generator, self._device)
-            metrics, _ = optimization_step(nets, hp, optimizer, batch, draws, on_raw_gradients=average)
-            for key, value in metrics.items():
-                sums[key] = sums[key] + value if key in sums else value.clone()
-        first, self.gradient_steps = self.gradient_steps, self.gradient_steps + num_steps
+        means = run_updates(
+            module.nets, module.hp, self.get_optimizer(DEFAULT_MODULE_ID, OPTIMIZER_NAME), self.buffer,
+            self._generator, num_steps, batch_size, first_step=self.gradient_steps, on_raw_gradients=average,
+        )
+        self.gradient_steps += num_steps
         self._weights_seq_no += 1  # new weights for EnvRunner syncs
-        names = list(sums)
-        means = dict(zip(names, (torch.stack([sums[k] for k in names]) / num_steps).tolist()))
-        bad = {k: v for k, v in means.items() if not math.isfinite(v)}
-        if bad:
-            raise NonFiniteLossError(
-                f"non-finite training metrics {bad} in gradient steps [{first}, {self.gradient_steps}); "
-                f"check the dataset, or lower lr (now {hp.lr}) / inv_temp (now {hp.inv_temp})."
-            )
         return means
 
     def _average_gradients(self) -> None:

@@ -8,17 +8,12 @@ weight syncs stay small.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 
-from qam_ray.core.qam import QAMHyperparams, QAMNetworks, sample_action_chunks
-
-HYPERPARAM_FIELDS = tuple(f.name for f in dataclasses.fields(QAMHyperparams))
-
+from qam_ray.core.qam import HYPERPARAM_FIELDS, QAMHyperparams, QAMNetworks, sample_action_chunks
 
 def hyperparams_from_model_config(model_config: dict) -> QAMHyperparams:
     return QAMHyperparams(**{k: model_config[k] for k in HYPERPARAM_FIELDS if k in model_config})
