@@ -10,7 +10,6 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from qam_ray.core.qam import (
@@ -19,7 +18,6 @@ from qam_ray.core.qam import (
     QAMNetworks,
     make_optimizer,
     optimization_step,
-    sample_action_chunks,
     sample_draws,
 )
 from qam_ray.data.replay import ChunkReplayBuffer
@@ -100,11 +98,6 @@ class OfflineTrainer:
                             self.batch_size, first_step=self.step)
         self.step += num_steps
         return means
-
-    def act(self, observations: np.ndarray) -> np.ndarray:
-        """Action chunks (B, H, A) for a batch of observations (B, obs_dim); evaluation mode."""
-        obs = torch.as_tensor(np.asarray(observations, dtype=np.float32), device=self.device)
-        return sample_action_chunks(self.nets, self.hp, obs, self.generator).cpu().numpy()
 
     def state_dict(self) -> dict:
         return {
