@@ -123,10 +123,9 @@ class QAMConfig(AlgorithmConfig):
         return RLModuleSpec(module_class=QAMRLModule, model_config=self._model_config_for_module())
 
     def _model_config_for_module(self) -> dict:
-        obs_dim = self.observation_space.shape[0] if self.observation_space is not None else 1
-        action_dim = self.action_space.shape[0] // self.horizon_length if self.action_space is not None else 1
-        model_config = vars(self.qam_hyperparams(obs_dim, action_dim)).copy()
-        model_config["seed"] = self.seed or 0
+        # The module takes obs_dim / action_dim from its spaces.
+        model_config = {k: v for k, v in vars(self.qam_hyperparams(1, 1)).items() if k not in ("obs_dim", "action_dim")}
+        model_config["seed"] = self.qam_seed
         return model_config
 
     def get_default_learner_class(self):

@@ -1,7 +1,8 @@
 """QAMRLModule: owns the QAM networks; inference returns flattened action chunks.
 
-``model_config`` holds the fields of :class:`QAMHyperparams` (a plain dict, so it pickles into checkpoints and
-rebuilds the module with ``RLModule.from_checkpoint``) plus ``seed`` for the acting noise.  On EnvRunners
+``model_config`` holds the fields of :class:`QAMHyperparams` except the dimensions, which come from the spaces
+(observation (obs_dim,), action = one flattened chunk (horizon_length · action_dim,)), plus ``seed`` for the acting
+noise.  It is a plain dict, so it pickles into checkpoints and ``RLModule.from_checkpoint`` rebuilds the module.  On EnvRunners
 (``inference_only``) only the acting networks exist: the critics and the training-only flows are dropped, so
 weight syncs stay small.
 """
@@ -15,13 +16,12 @@ from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 
 from qam_ray.core.qam import HYPERPARAM_FIELDS, QAMHyperparams, QAMNetworks, sample_action_chunks
 
-def hyperparams_from_model_config(model_config: dict) -> QAMHyperparams:
-    return QAMHyperparams(**{k: model_config[k] for k in HYPERPARAM_FIELDS if k in model_config})
-
-
 class QAMRLModule(TorchRLModule, InferenceOnlyAPI):
     def setup(self):
-        self.hp = hyperparams_from_model_config(self.model_config)
+        values = {k: self.model_config[k] for k in HYPERPARAM_FIELDS if k in self.model_config}
+        values["obs_dim"] = self.observation_space.shape[0]
+        values["action_dim"] = self.action_space.shape[0] // values["horizon_length"]
+        self.hp = QAMHyperparams(**values)
         self.nets = QAMNetworks(self.hp)
         self._generator = None  # created lazily on the module's device
         if self.inference_only:
