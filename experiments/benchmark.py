@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -55,7 +56,7 @@ def ensure_dataset(dataset_dir: str) -> str:
     return dataset_dir
 
 
-def time_plain(size: str, steps: int, device: torch.device, dataset_dir: str, threads: int) -> dict:
+def prepare_plain(size: str, steps: int, device: torch.device, dataset_dir: str, threads: int):
     """The math core's loop: sample a chunk batch on-device, one optimisation step, repeat."""
     from qam_ray.data.ogbench_data import load_offline_dataset
     from qam_ray.training import hyperparams_for_env
@@ -64,16 +65,20 @@ def time_plain(size: str, steps: int, device: torch.device, dataset_dir: str, th
     hp = hyperparams_for_env(BENCH_ENV, "QAM", dataset.obs_dim, dataset.action_dim, size_overrides(size))
     trainer = OfflineTrainer(hp, ChunkReplayBuffer.from_arrays(dataset.train, device), batch_size=SIZES[size]["batch"])
     trainer.train(WARMUP_STEPS)
-    synchronize(device)
-    start = time.perf_counter()
-    trainer.train(steps)  # returns means via one host sync, so the time covers all the work
-    return rates(steps, time.perf_counter() - start)
+
+    def timed() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        trainer.train(steps)  # returns means via one host sync, so the time covers all the work
+        return time.perf_counter() - start
+
+    return timed, lambda: None
 
 
-def time_rllib(num_learners: int):
+def prepare_rllib(num_learners: int):
     """``Algorithm.train()`` with ``steps`` gradient steps per iteration, on a local or a remote learner."""
 
-    def run(size: str, steps: int, device: torch.device, dataset_dir: str, threads: int) -> dict:
+    def prepare(size: str, steps: int, device: torch.device, dataset_dir: str, threads: int):
         from qam_ray.rllib.algorithm import QAMConfig
 
         config = (QAMConfig().ogbench(BENCH_DOMAIN, task=BENCH_TASK, dataset_dir=dataset_dir)
@@ -82,15 +87,16 @@ def time_rllib(num_learners: int):
                   .learners(num_learners=num_learners, num_cpus_per_learner=threads,
                             num_gpus_per_learner=1 if device.type == "cuda" else 0))
         algo = config.build_algo()
-        try:
-            algo.learner_group.foreach_learner(lambda learner: learner.run_steps(WARMUP_STEPS, SIZES[size]["batch"]))
+        algo.learner_group.foreach_learner(lambda learner: learner.run_steps(WARMUP_STEPS, SIZES[size]["batch"]))
+
+        def timed() -> float:
             start = time.perf_counter()
             algo.train()
-            return rates(steps, time.perf_counter() - start)
-        finally:
-            algo.stop()
+            return time.perf_counter() - start
 
-    return run
+        return timed, algo.stop
+
+    return prepare
 
 
 def rates(steps: int, elapsed: float) -> dict:
@@ -142,14 +148,15 @@ def write_records(path: str, records: list[dict]) -> None:
 
 
 WARMUP_STEPS = 3
-BENCHMARKS = {"plain": time_plain, "rllib_local": time_rllib(0), "rllib_remote": time_rllib(1)}
+BENCHMARKS = {"plain": prepare_plain, "rllib_local": prepare_rllib(0), "rllib_remote": prepare_rllib(1)}
 RAY_BENCHMARKS = ("rllib_local", "rllib_remote")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--steps", type=int, default=20, help="timed updates per benchmark")
+    p.add_argument("--steps", type=int, default=20, help="timed updates per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per benchmark, interleaved; median kept")
     p.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
     p.add_argument("--dataset-dir", default="data/bench", help="where the small generated benchmark dataset lives")
     p.add_argument("--device", default="auto")
@@ -170,12 +177,23 @@ def main(argv=None) -> int:
 
         ray.init(address="local", num_cpus=max(2, torch.get_num_threads()), include_dashboard=False,
                  log_to_driver=False)
+    # All benchmarks are built first, then timed in turns, so slow drifts of a shared machine hit each alike;
+    # the median over the repeats is recorded.
+    prepared = {name: BENCHMARKS[name](args.size, args.steps, device, dataset_dir, torch.get_num_threads())
+                for name in args.only}
+    times = {name: [] for name in args.only}
+    for _ in range(args.repeats):
+        for name, (timed, _) in prepared.items():
+            times[name].append(timed())
     records = []
-    for name in args.only:
-        result = BENCHMARKS[name](args.size, args.steps, device, dataset_dir, torch.get_num_threads())
-        records.append({"name": name, **result, **common})
+    for name, (_, close) in prepared.items():
+        close()
+        elapsed = statistics.median(times[name])
+        result = rates(args.steps, elapsed)
+        records.append({"name": name, **result, "repeats": args.repeats,
+                        "seconds_per_update_all": [round(t / args.steps, 5) for t in times[name]], **common})
         print(f"{name:>14} {args.size:>5} {device.type}: {result['updates_per_s']:8.2f} updates/s "
-              f"({result['seconds_per_update'] * 1e3:.1f} ms/update)")
+              f"({result['seconds_per_update'] * 1e3:.1f} ms/update, median of {args.repeats})")
     # Ratios only within this run: same machine, same moment.
     plain = next((r for r in records if r["name"] == "plain"), None)
     for record in records:
