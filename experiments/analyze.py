@@ -1,0 +1,60 @@
+"""Build the paper's results table from MLflow runs, side by side with the published numbers.
+
+    python experiments/analyze.py --experiment qam_ray --sweep my-sweep --stage offline_1M --out results/analysis
+
+Writes table.md (domains × variants, "ours mean ± std (seeds, steps) / paper mean ± std"), table.csv (long
+form) and learning_curves.png.  Runs on generated data are marked.  The tracking URI is --tracking-uri, else
+MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (the sweep's default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+try:
+    import qam_ray  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qam_ray.analysis import (
+    STAGES,
+    compare_with_published,
+    format_markdown,
+    learning_curves,
+    load_runs,
+    paper_table,
+    plot_learning_curves,
+)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI")
+                   or f"sqlite:///{os.path.abspath('mlflow.db')}")
+    p.add_argument("--experiment", action="append", default=None, help="MLflow experiment name (repeatable)")
+    p.add_argument("--sweep", default=None, help="only runs tagged with this sweep name")
+    p.add_argument("--stage", choices=STAGES, default="offline_1M", help="which published numbers to compare with")
+    p.add_argument("--out", default="results/analysis")
+    args = p.parse_args(argv)
+    experiments = args.experiment or ["qam_ray"]
+    runs = load_runs(experiments, args.tracking_uri, args.sweep)
+    if runs.empty:
+        raise SystemExit(f"no trial runs with {'eval/success_rate'} in experiments {experiments} at {args.tracking_uri}"
+                         + (f" for sweep {args.sweep!r}" if args.sweep else ""))
+    comparison = compare_with_published(paper_table(runs), args.stage)
+    os.makedirs(args.out, exist_ok=True)
+    markdown = format_markdown(comparison)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(f"Success rate (%), ours vs published ({args.stage}); {len(runs)} runs.\n\n{markdown}\n")
+    comparison.to_csv(os.path.join(args.out, "table.csv"), index=False)
+    plot_learning_curves(runs, learning_curves(list(runs["run_id"]), args.tracking_uri),
+                         os.path.join(args.out, "learning_curves.png"))
+    print(markdown)
+    print(f"wrote {args.out}/table.md, table.csv, learning_curves.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Results tables and learning curves from MLflow runs, side by side with the paper's published numbers.
+
+The protocol is the paper's (QAM_SPEC §11):
+- a seed's score on a domain is its mean success over that domain's tasks;
+- a domain's entry is the mean ± population std of those scores over seeds;
+- the aggregate is the mean over domains, formed per seed before the statistics.
+
+Success rates are reported in %.  Each trial run carries the tags ``variant``, ``domain``, ``task``, ``seed`` and
+``dataset_source``, and logs ``eval/success_rate`` with step = gradient steps.  The sweep's parent run has no
+``domain`` tag and is skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+
+import pandas as pd
+
+SUCCESS_METRIC = "eval/success_rate"
+STAGES = ("offline_1M", "online_end_1.5M")
+AGGREGATE = "all"
+
+
+def published_results(stage: str = "offline_1M") -> pd.DataFrame:
+    """The paper's numbers (12 seeds, computed from the authors' released curves), in %."""
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+    with importlib.resources.files("qam_ray.data").joinpath("qam_published_results.csv").open() as f:
+        table = pd.read_csv(f)
+    return table[table["stage"] == stage].drop(columns="stage")
+
+
+def load_runs(experiment_names: list[str], tracking_uri: str | None = None, sweep: str | None = None) -> pd.DataFrame:
+    """One row per trial run: variant, domain, task, seed, dataset_source, final success (%) and its step."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    filters = ["tags.domain != ''"]
+    if sweep:
+        filters.append(f"tags.sweep = '{sweep}'")
+    runs = mlflow.search_runs(experiment_names=experiment_names, filter_string=" and ".join(filters))
+    column = f"metrics.{SUCCESS_METRIC}"
+    if runs.empty or column not in runs:
+        return pd.DataFrame(columns=["run_id", "variant", "domain", "task", "seed", "dataset_source", "success", "step"])
+    runs = runs.dropna(subset=[column])
+    client = MlflowClient()
+    steps = [max(m.step for m in client.get_metric_history(run_id, SUCCESS_METRIC)) for run_id in runs["run_id"]]
+    return pd.DataFrame({
+        "run_id": runs["run_id"].to_numpy(),
+        "variant": runs["tags.variant"].to_numpy(),
+        "domain": runs["tags.domain"].to_numpy(),
+        "task": runs["tags.task"].astype(int).to_numpy(),
+        "seed": runs["tags.seed"].astype(int).to_numpy(),
+        "dataset_source": runs["tags.dataset_source"].to_numpy(),
+        "success": 100.0 * runs[column].to_numpy(),
+        "step": steps,
+    })
+
+
+def paper_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, domain) and the aggregate: mean and std over seeds, seeds, tasks and the smallest step."""
+    per_seed = (runs.groupby(["variant", "domain", "seed"])
+                .agg(score=("success", "mean"), tasks=("task", "nunique"), step=("step", "min"),
+                     generated=("dataset_source", lambda s: bool((s == "generated").any())))
+                .reset_index())
+    aggregate = (per_seed.groupby(["variant", "seed"])
+                 .agg(score=("score", "mean"), tasks=("tasks", "sum"), step=("step", "min"),
+                      generated=("generated", "any"))
+                 .reset_index().assign(domain=AGGREGATE))
+    both = pd.concat([per_seed, aggregate], ignore_index=True)
+    return (both.groupby(["variant", "domain"])
+            .agg(mean=("score", "mean"), std=("score", lambda s: s.std(ddof=0)), seeds=("seed", "nunique"),
+                 tasks=("tasks", "max"), step=("step", "min"), generated=("generated", "any"))
+            .reset_index())
+
+
+def compare_with_published(table: pd.DataFrame, stage: str = "offline_1M") -> pd.DataFrame:
+    """Our table joined with the published numbers of the same variant and domain."""
+    published = published_results(stage).rename(
+        columns={"key": "domain", "method": "variant", "mean": "paper_mean", "std": "paper_std", "n_seeds": "paper_seeds"})
+    return table.merge(published, on=["variant", "domain"], how="left")
+
+
+def format_markdown(comparison: pd.DataFrame) -> str:
+    """Rows = domains (aggregate last), columns = variants; each cell 'ours ± std (n) | paper ± std'."""
+    def cell(row) -> str:
+        ours = f"{row['mean']:.1f} ± {row['std']:.1f} ({row['seeds']} seeds, {row['step']:,} steps)"
+        if row["generated"]:
+            ours += " [generated data]"
+        paper = "–" if pd.isna(row["paper_mean"]) else f"{row['paper_mean']:.1f} ± {row['paper_std']:.1f}"
+        return f"{ours} / paper {paper}"
+
+    cells = comparison.assign(cell=comparison.apply(cell, axis=1))
+    wide = cells.pivot(index="domain", columns="variant", values="cell")
+    order = sorted(d for d in wide.index if d != AGGREGATE) + [d for d in wide.index if d == AGGREGATE]
+    return wide.loc[order].fillna("").to_markdown()
+
+
+def learning_curves(run_ids: list[str], tracking_uri: str | None = None) -> pd.DataFrame:
+    """Every logged evaluation of the given runs: run_id, step, success (%)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    rows = [(run_id, m.step, 100.0 * m.value)
+            for run_id in run_ids for m in client.get_metric_history(run_id, SUCCESS_METRIC)]
+    return pd.DataFrame(rows, columns=["run_id", "step", "success"])
+
+
+def plot_learning_curves(runs: pd.DataFrame, curves: pd.DataFrame, path: str) -> None:
+    """One panel per domain: mean success over seeds and tasks against gradient steps, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = curves.merge(runs[["run_id", "variant", "domain"]], on="run_id")
+    domains = sorted(data["domain"].unique())
+    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.2), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        for variant, group in data[data["domain"] == domain].groupby("variant"):
+            mean = group.groupby("step")["success"].mean()
+            ax.plot(mean.index, mean.to_numpy(), marker="o", label=variant)
+        ax.set(title=domain, xlabel="gradient steps", ylabel="success rate (%)", ylim=(-2, 102))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
