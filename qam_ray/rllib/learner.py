@@ -15,6 +15,7 @@ import torch.distributed as dist
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
+from qam_ray.core.qam import make_optimizer
 from qam_ray.data.ogbench_data import load_offline_dataset
 from qam_ray.data.replay import ChunkReplayBuffer
 from qam_ray.training import run_updates
@@ -45,12 +46,11 @@ class QAMTorchLearner(TorchLearner):
         return self.module[DEFAULT_MODULE_ID]
 
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
-        module = self._module[module_id]
-        params = list(module.nets.online_parameters())
-        optimizer = torch.optim.Adam(params, lr=module.hp.lr, eps=1e-8, fused=self._device.type == "cuda" or None)
+        module = self._module[module_id]  # already on self._device, so make_optimizer picks fused Adam on GPU
+        optimizer = make_optimizer(module.nets, module.hp)
         self.register_optimizer(
-            module_id=module_id, optimizer_name=OPTIMIZER_NAME, optimizer=optimizer, params=params,
-            lr_or_lr_schedule=module.hp.lr,
+            module_id=module_id, optimizer_name=OPTIMIZER_NAME, optimizer=optimizer,
+            params=optimizer.param_groups[0]["params"], lr_or_lr_schedule=module.hp.lr,
         )
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
