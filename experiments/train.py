@@ -29,10 +29,6 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo; also silences GLFW
 from qam_ray.domains import VARIANTS, parse_singletask_name
 from qam_ray.training import hyperparams_for_env
 
-# QAMHyperparams names that RLlib's AlgorithmConfig already has under its own name.
-RLLIB_NAMES = {"discount": "gamma", "clip_grad_max_norm": "grad_clip"}
-
-
 def parse_overrides(pairs: list[str]) -> dict:
     overrides = {}
     for pair in pairs:
@@ -79,18 +75,17 @@ def parse_args(argv=None):
 
 
 def build_config(args):
-    from qam_ray.rllib.algorithm import QAMConfig
+    from qam_ray.rllib.algorithm import build_qam_config
 
     name = parse_singletask_name(args.env)
-    config = QAMConfig().ogbench(name.domain_name, task=name.task, variant=args.variant, dataset_dir=args.dataset_dir)
-    for key, value in args.overrides.items():
-        setattr(config, RLLIB_NAMES.get(key, key), value)
-    return (config.training(num_steps_per_iteration=args.log_every, train_batch_size_per_learner=args.batch_size)
-            .learners(num_learners=args.learners, num_gpus_per_learner=args.gpus_per_learner)
-            # An interval is always set so the evaluation EnvRunners exist; eval_every=0 evaluates at the end.
-            .evaluation(evaluation_interval=max(1, (args.eval_every or args.steps) // args.log_every),
-                        evaluation_duration=args.eval_episodes, evaluation_num_env_runners=args.eval_env_runners)
-            .debugging(seed=args.seed))
+    return build_qam_config(
+        name.domain_name, name.task, args.variant, dataset_dir=args.dataset_dir, overrides=args.overrides,
+        steps_per_iteration=args.log_every, batch_size=args.batch_size,
+        # An interval is always set so the evaluation EnvRunners exist; eval_every=0 evaluates at the end.
+        eval_interval=max(1, (args.eval_every or args.steps) // args.log_every), eval_episodes=args.eval_episodes,
+        eval_env_runners=args.eval_env_runners, seed=args.seed, num_learners=args.learners,
+        gpus_per_learner=args.gpus_per_learner,
+    )
 
 
 def append_csv(path: str, row: dict) -> None:

@@ -60,19 +60,21 @@ def load_runs(experiment_names: list[str], tracking_uri: str | None = None, swee
 
 
 def paper_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per (variant, domain) and the aggregate: mean and std over seeds, seeds, tasks and the smallest step."""
+    """Per (variant, domain) and the aggregate: mean and std over seeds, seeds, tasks, the smallest step and, for
+    the aggregate, how many domains it covers (the paper's covers 10)."""
     per_seed = (runs.groupby(["variant", "domain", "seed"])
                 .agg(score=("success", "mean"), tasks=("task", "nunique"), step=("step", "min"),
                      generated=("dataset_source", lambda s: bool((s == "generated").any())))
                 .reset_index())
     aggregate = (per_seed.groupby(["variant", "seed"])
                  .agg(score=("score", "mean"), tasks=("tasks", "sum"), step=("step", "min"),
-                      generated=("generated", "any"))
+                      generated=("generated", "any"), domains=("domain", "nunique"))
                  .reset_index().assign(domain=AGGREGATE))
     both = pd.concat([per_seed, aggregate], ignore_index=True)
     return (both.groupby(["variant", "domain"])
             .agg(mean=("score", "mean"), std=("score", lambda s: s.std(ddof=0)), seeds=("seed", "nunique"),
-                 tasks=("tasks", "max"), step=("step", "min"), generated=("generated", "any"))
+                 tasks=("tasks", "max"), step=("step", "min"), generated=("generated", "any"),
+                 domains=("domains", "max"))
             .reset_index())
 
 
@@ -86,7 +88,8 @@ def compare_with_published(table: pd.DataFrame, stage: str = "offline_1M") -> pd
 def format_markdown(comparison: pd.DataFrame) -> str:
     """Rows = domains (aggregate last), columns = variants; each cell 'ours ± std (n) | paper ± std'."""
     def cell(row) -> str:
-        ours = f"{row['mean']:.1f} ± {row['std']:.1f} ({row['seeds']} seeds, {row['step']:,} steps)"
+        scope = f", {int(row['domains'])} of 10 domains" if row["domain"] == AGGREGATE else ""
+        ours = f"{row['mean']:.1f} ± {row['std']:.1f} ({row['seeds']} seeds, {row['step']:,} steps{scope})"
         if row["generated"]:
             ours += " [generated data]"
         paper = "–" if pd.isna(row["paper_mean"]) else f"{row['paper_mean']:.1f} ± {row['paper_std']:.1f}"

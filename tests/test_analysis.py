@@ -58,6 +58,7 @@ def test_published_numbers_are_joined_and_shipped_with_the_package(tracking_uri)
     markdown = analysis.format_markdown(comparison.reset_index())
     assert "50.0 ± 10.0 (2 seeds, 2,000 steps) [generated data] / paper 64.2 ± 3.6" in markdown
     assert markdown.strip().splitlines()[-1].startswith("| all")
+    assert "(2 seeds, 2,000 steps, 2 of 10 domains) [generated data] / paper 44.4 ± 1.4" in markdown
     with pytest.raises(ValueError, match="stage"):
         analysis.published_results("online")
 

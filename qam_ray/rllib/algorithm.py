@@ -136,6 +136,26 @@ class QAMConfig(AlgorithmConfig):
         return self.seed or 0
 
 
+# QAMHyperparams names that RLlib's AlgorithmConfig holds under its own name.
+RLLIB_NAMES = {"discount": "gamma", "clip_grad_max_norm": "grad_clip"}
+
+
+def build_qam_config(
+    domain: str, task: int, variant: str, *, dataset_dir: str | None, overrides: dict | None = None,
+    steps_per_iteration: int = 1000, batch_size: int = 256, eval_interval: int = 50, eval_episodes: int = 50,
+    eval_env_runners: int = 0, seed: int = 0, num_learners: int = 0, gpus_per_learner: float = 0,
+) -> QAMConfig:
+    """The config of one offline run: registry values, then ``overrides`` (QAMHyperparams names)."""
+    config = QAMConfig().ogbench(domain, task=task, variant=variant, dataset_dir=dataset_dir)
+    for key, value in (overrides or {}).items():
+        setattr(config, RLLIB_NAMES.get(key, key), value)
+    return (config.training(num_steps_per_iteration=steps_per_iteration, train_batch_size_per_learner=batch_size)
+            .learners(num_learners=num_learners, num_gpus_per_learner=gpus_per_learner)
+            .evaluation(evaluation_interval=eval_interval, evaluation_duration=eval_episodes,
+                        evaluation_num_env_runners=eval_env_runners)
+            .debugging(seed=seed))
+
+
 class QAM(Algorithm):
     @classmethod
     def get_default_config(cls) -> QAMConfig:

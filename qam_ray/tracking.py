@@ -1,0 +1,93 @@
+"""MLflow tracking for sweeps: one parent run per sweep, one child run per trial, explicit run ids.
+
+Everything goes through ``MlflowClient`` with explicit run ids (no global active run), so the driver and
+every trial process can write safely, and a restored trial keeps writing to its own run.  With no
+``MLFLOW_TRACKING_URI`` the store is ``sqlite:///<absolute path>/mlflow.db`` with artifacts in an absolute folder
+beside it: trials run in Ray's session directories, so nothing may be relative.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+DEFAULT_EXPERIMENT = "qam_ray"
+ROLE_TAG = "qam_ray.role"  # "sweep" on parent runs, "trial" on child runs
+
+
+def default_tracking_uri(base_dir: str) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(base_dir)}/mlflow.db"
+
+
+def ensure_experiment(tracking_uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
+    """The experiment's id, creating it with an absolute artifact location next to a local sqlite store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        artifact_location = "file://" + os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts")
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def parent_run(tracking_uri: str, experiment_id: str, sweep: str, tags: dict[str, str]) -> str:
+    """The sweep's parent run: reused when it exists (``--resume``), created otherwise."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    existing = client.search_runs(
+        [experiment_id], filter_string=f"tags.sweep = '{sweep}' and tags.`{ROLE_TAG}` = 'sweep'", max_results=1
+    )
+    if existing:
+        return existing[0].info.run_id
+    run = client.create_run(experiment_id, run_name=sweep, tags={**tags, "sweep": sweep, ROLE_TAG: "sweep"})
+    return run.info.run_id
+
+
+def trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, name: str, tags: dict[str, str],
+              params: dict) -> str:
+    """A child run of the sweep with the trial's tags and every hyperparameter as a param."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(
+        experiment_id, run_name=name, tags={**tags, "mlflow.parentRunId": parent_run_id, ROLE_TAG: "trial"}
+    )
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+    return run.info.run_id
+
+
+class MetricBuffer:
+    """Metrics held back until the next checkpoint is saved, then written in one batch: after a crash the trial
+    resumes from that checkpoint, so the run's history never holds a step twice."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._pending = []
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+    def flush(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        for start in range(0, len(self._pending), 1000):  # MLflow's log_batch limit
+            client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
+        self._pending = []
+
+
+def git_commit(path: str) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
