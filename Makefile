@@ -8,10 +8,6 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 export MUJOCO_GL ?= egl
 
-DATA_DIR ?= data/generated
-RUN_ENV ?= cube-single-play-singletask-task2-v0
-RUN_STEPS ?= 3000
-
 .PHONY: run test bench clean-venv
 
 $(VENV)/.installed: pyproject.toml
@@ -21,13 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-$(DATA_DIR)/cube-single-play-v0.npz: | $(VENV)/.installed
-	$(PY) experiments/generate_data.py --env cube-single --type play --episodes 40 --seed 0 --workers 2 --out $(DATA_DIR)
-
-run: $(VENV)/.installed $(DATA_DIR)/cube-single-play-v0.npz
-	$(PY) experiments/train.py --env $(RUN_ENV) --dataset-dir $(DATA_DIR) --steps $(RUN_STEPS) \
-	    --log-every 250 --eval-episodes 20 --set "actor_hidden_dims=(256,256)" --set "value_hidden_dims=(256,256)" \
-	    --set num_qs=4 --out runs/quickstart
+# The main job: a real small sweep (2 seeds, generated data, local Ray, MLflow in ./mlflow.db), then its table.
+run: $(VENV)/.installed
+	$(PY) experiments/sweep.py --preset quickstart
+	$(PY) experiments/analyze.py --sweep qam-quickstart --out results/quickstart
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
