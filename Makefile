@@ -26,7 +26,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) experiments/benchmark.py --size full --steps 20 --json results/benchmark_cpu.json
+	$(PY) experiments/benchmark.py --size full --steps 10 --repeats 3 --json results/benchmark_cpu.json
 
 clean-venv:
 	rm -rf $(VENV)
