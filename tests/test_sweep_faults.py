@@ -1,0 +1,86 @@
+"""A trial killed mid-run resumes from its checkpoint, and its MLflow history continues without duplicates.
+
+The sweep runs as a subprocess with its own local Ray.  Once a trial has flushed progress to MLflow, the test
+kills that trial's worker process, which it finds in the subprocess's own process tree, so nothing outside the
+test is touched.  Tune then retries the trial from its last checkpoint (FailureConfig).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from qam_ray.tracking import ensure_experiment
+
+ROOT = Path(__file__).parents[1]
+STEPS, PER_ITERATION = 240, 4
+
+
+def trial_workers(parent: psutil.Process) -> list[psutil.Process]:
+    workers = []
+    for proc in parent.children(recursive=True):
+        try:
+            if proc.name().startswith("ray::ImplicitFunc"):  # Ray's process title for a function trainable
+                workers.append(proc)
+        except psutil.Error:
+            continue
+    return workers
+
+
+def logged_steps(uri: str) -> dict[str, list[int]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("qam_ray")
+    if experiment is None:
+        return {}
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`qam_ray.role` = 'trial'")
+    return {r.info.run_id: [m.step for m in client.get_metric_history(r.info.run_id, "train/total_loss")]
+            for r in runs}
+
+
+def test_killed_trial_resumes_from_checkpoint_with_intact_history(tiny_dataset_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ray_tmp = tempfile.mkdtemp(prefix="qf", dir="/tmp")  # this sweep's own Ray temp dir (short: socket paths)
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    argv = [sys.executable, str(ROOT / "experiments" / "sweep.py"), "--preset", "smoke", "--seeds", "0",
+            "--steps", str(STEPS), "--eval-every", str(STEPS), "--dataset-dir", tiny_dataset_dir,
+            "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri, "--name", "fault-test"]
+    ensure_experiment(uri)  # create the store once, so polling it cannot race the sweep's own schema migration
+    log = open(tmp_path / "sweep.log", "w")
+    sweep = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    killed_at = None
+    try:
+        deadline = time.time() + 240
+        while killed_at is None and time.time() < deadline and sweep.poll() is None:
+            steps = logged_steps(uri)
+            workers = trial_workers(psutil.Process(sweep.pid))
+            if steps and max(map(max, filter(None, steps.values())), default=0) >= 3 * PER_ITERATION and workers:
+                killed_at = max(map(max, steps.values()))
+                for worker in workers:
+                    worker.send_signal(signal.SIGKILL)
+            time.sleep(0.2)
+        assert killed_at is not None, "the trial never reached a checkpoint: " + (tmp_path / "sweep.log").read_text()[-3000:]
+        assert sweep.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    finally:
+        if sweep.poll() is None:  # stop exactly the process group this test started (its Ray included)
+            os.killpg(sweep.pid, signal.SIGKILL)
+        log.close()
+    history = logged_steps(uri)
+    assert len(history) == 1, history  # the restarted trial kept its run: no duplicate run
+    (steps,) = history.values()
+    expected = list(range(PER_ITERATION, STEPS + 1, PER_ITERATION))
+    assert steps == expected, f"killed after step {killed_at}; logged {steps}"  # complete, in order, no repeats
+    assert killed_at < STEPS
+    # Tune recorded the kill as a trial failure and retried it (FailureConfig).
+    assert list((tmp_path / "results").rglob("error.txt")), "no trial failure recorded"
