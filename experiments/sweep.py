@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import os
 import sys
 
@@ -70,21 +71,6 @@ PRESETS = {
 }
 
 
-def search_space(variant: str):
-    """Optuna define-by-run space: τ on a log scale, the ensemble pessimism, and the variant's own knob."""
-
-    def space(trial) -> dict:
-        values = {"inv_temp": trial.suggest_float("inv_temp", 0.03, 100.0, log=True),
-                  "rho": trial.suggest_float("rho", 0.0, 1.0)}
-        if variant == "QAM-E":
-            values["edit_scale"] = trial.suggest_float("edit_scale", 0.02, 0.9, log=True)
-        if variant == "QAM-F":
-            values["fql_alpha"] = trial.suggest_float("fql_alpha", 1.0, 1000.0, log=True)
-        return values
-
-    return space
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quickstart")
@@ -93,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--variants", nargs="+", choices=VARIANTS)
     p.add_argument("--steps", type=int, help="offline gradient steps per trial")
+    p.add_argument("--steps-per-iteration", type=int, help="gradient steps per training iteration (Tune report)")
     p.add_argument("--eval-every", type=int, help="gradient steps between evaluations")
     p.add_argument("--eval-episodes", type=int)
     p.add_argument("--num-samples", type=int, help="search preset: Optuna trials")
@@ -115,8 +102,8 @@ def resolve(parser, args) -> tuple[Preset, list[dict]]:
     """The preset with the flags applied, and one spec per grid trial; every problem is reported before Ray."""
     preset = dataclasses.replace(PRESETS[args.preset])
     preset.overrides = dict(preset.overrides)  # replace() is shallow: --set must not leak into PRESETS
-    for field in ("domains", "tasks", "seeds", "variants", "steps", "eval_every", "eval_episodes", "num_samples",
-                  "max_concurrent", "dataset_dir"):
+    for field in ("domains", "tasks", "seeds", "variants", "steps", "steps_per_iteration", "eval_every",
+                  "eval_episodes", "num_samples", "max_concurrent", "dataset_dir"):
         if getattr(args, field) is not None:
             setattr(preset, field, getattr(args, field))
     for pair in args.overrides:
@@ -189,7 +176,7 @@ def main(argv=None) -> int:
     import ray
     from ray import tune
 
-    from qam_ray.sweep_trial import qam_trial
+    from qam_ray.sweep_trial import optuna_space, qam_trial
     from qam_ray.tracking import default_tracking_uri, ensure_experiment, git_commit, parent_run
 
     storage = os.path.abspath(args.storage_path)
@@ -221,7 +208,8 @@ def main(argv=None) -> int:
             iterations = preset.steps // preset.steps_per_iteration
             per_eval = preset.eval_every // preset.steps_per_iteration
             searcher = ConcurrencyLimiter(
-                OptunaSearch(space=search_space(specs[0]["variant"]), metric="success_rate", mode="max",
+                OptunaSearch(space=functools.partial(optuna_space, variant=specs[0]["variant"]),
+                             metric="success_rate", mode="max",
                              seed=specs[0]["seed"]), max_concurrent=preset.max_concurrent)
             tune_config = tune.TuneConfig(
                 search_alg=searcher, num_samples=preset.num_samples,

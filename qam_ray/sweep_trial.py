@@ -15,6 +15,18 @@ import tempfile
 TRIAL_STATE = "trial.json"
 
 
+def optuna_space(trial, variant: str) -> dict:
+    """Optuna define-by-run space of the search preset: τ on a log scale, the ensemble pessimism ρ and the
+    variant's own knob.  Module-level so Tune can pickle the searcher into its checkpoints."""
+    values = {"inv_temp": trial.suggest_float("inv_temp", 0.03, 100.0, log=True),
+              "rho": trial.suggest_float("rho", 0.0, 1.0)}
+    if variant == "QAM-E":
+        values["edit_scale"] = trial.suggest_float("edit_scale", 0.02, 0.9, log=True)
+    if variant == "QAM-F":
+        values["fql_alpha"] = trial.suggest_float("fql_alpha", 1.0, 1000.0, log=True)
+    return values
+
+
 def qam_trial(config: dict, base_spec: dict | None = None) -> None:
     """Tune function trainable.  ``config["spec"]`` (grid sweeps) or ``base_spec`` plus top-level search values
     (Optuna define-by-run) give the trial; top-level values override hyperparameters."""

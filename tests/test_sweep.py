@@ -93,3 +93,24 @@ def test_resume_adds_no_runs_and_analysis_reads_the_sweep(smoke_sweep, tmp_path)
     analyze = load_script("analyze")
     assert analyze.main(["--tracking-uri", uri, "--sweep", "smoke-test", "--out", str(tmp_path / "a")]) == 0
     assert "cube-single-play" in (tmp_path / "a" / "table.md").read_text()
+
+
+def test_search_preset_runs_optuna_trials_with_distinct_hyperparameters(local_ray, tiny_dataset_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = ["--preset", "search", "--domains", "cube-single-play", "--tasks", "2", "--variants", "QAM-E",
+            "--num-samples", "2", "--max-concurrent", "2", "--steps", "8", "--steps-per-iteration", "4",
+            "--eval-every", "4", "--eval-episodes", "1", "--dataset-dir", tiny_dataset_dir,
+            "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri, "--name", "search-test"]
+    for key, value in sweep.TINY.items():
+        argv += ["--set", f"{key}={value!r}"]
+    assert sweep.main(argv) == 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("qam_ray")
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string="tags.sweep = 'search-test' and tags.`qam_ray.role` = 'trial'")
+    assert len(runs) == 2
+    sampled = {(r.data.params["inv_temp"], r.data.params["edit_scale"]) for r in runs}
+    assert len(sampled) == 2  # Optuna proposed two different configurations
+    assert all(r.data.tags["variant"] == "QAM-E" for r in runs)
