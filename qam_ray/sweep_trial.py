@@ -54,7 +54,9 @@ def qam_trial(config: dict, base_spec: dict | None = None) -> None:
             algo.restore_from_path(os.path.join(directory, "algorithm"))
             with open(os.path.join(directory, TRIAL_STATE)) as f:
                 state = json.load(f)
-    run_id = _find_or_create_run(spec, qam_config, algo.dataset_info)
+    obs_dim, chunk = qam_config.observation_space.shape[0], qam_config.action_space.shape[0]
+    hyperparams = vars(qam_config.qam_hyperparams(obs_dim, chunk // qam_config.horizon_length))
+    run_id = _find_or_create_run(spec, hyperparams, algo.dataset_info)
     metrics = MetricBuffer(spec["tracking"]["uri"], run_id)
     iteration, step = 0, state["step"]
     while step < spec["steps"]:
@@ -80,7 +82,7 @@ def qam_trial(config: dict, base_spec: dict | None = None) -> None:
             metrics.flush()  # only now is this progress safe from a restart
         else:
             tune.report(report)
-    _finish_run(spec, run_id, qam_config, state["curve"])
+    _finish_run(spec, run_id, hyperparams, state["curve"])
     algo.stop()
 
 
@@ -96,7 +98,7 @@ def _run_tags(spec: dict, dataset_info: dict) -> dict[str, str]:
     }
 
 
-def _find_or_create_run(spec: dict, qam_config, dataset_info: dict) -> str:
+def _find_or_create_run(spec: dict, hyperparams: dict, dataset_info: dict) -> str:
     """The trial's child run; a restarted trial (same Tune trial id) gets its run back instead of a duplicate."""
     from mlflow.tracking import MlflowClient
     from ray import tune
@@ -112,8 +114,6 @@ def _find_or_create_run(spec: dict, qam_config, dataset_info: dict) -> str:
     )
     if found:
         return found[0].info.run_id
-    obs_dim = qam_config.observation_space.shape[0]
-    hyperparams = vars(qam_config.qam_hyperparams(obs_dim, qam_config.action_space.shape[0] // qam_config.horizon_length))
     params = {**hyperparams, **{k: spec[k] for k in ("steps", "steps_per_iteration", "batch_size", "eval_every",
                                                      "eval_episodes", "seed", "variant", "gpus", "threads")}}
     name = f"{spec['variant']}-{spec['domain']}-task{spec['task']}-seed{spec['seed']}"
@@ -121,7 +121,7 @@ def _find_or_create_run(spec: dict, qam_config, dataset_info: dict) -> str:
                      _run_tags(spec, dataset_info), params)
 
 
-def _finish_run(spec: dict, run_id: str, qam_config, curve: list) -> None:
+def _finish_run(spec: dict, run_id: str, hyperparams: dict, curve: list) -> None:
     """Artifacts: the resolved config, the checkpoint reference and the learning curve; then mark it finished."""
     import matplotlib
 
@@ -131,7 +131,7 @@ def _finish_run(spec: dict, run_id: str, qam_config, curve: list) -> None:
     from ray import tune
 
     client = MlflowClient(spec["tracking"]["uri"])
-    client.log_dict(run_id, spec, "config/trial_spec.json")
+    client.log_dict(run_id, {"spec": spec, "hyperparams": hyperparams}, "config/resolved_config.json")
     client.log_dict(run_id, {"tune_trial_dir": tune.get_context().get_trial_dir(),
                              "note": "the latest checkpoint_* folder holds algorithm/ (QAM.from_checkpoint)"},
                     "checkpoint_reference.json")
