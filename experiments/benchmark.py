@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -31,6 +30,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo; also silences GLFW
 import torch
 
 from qam_ray.data.replay import ChunkReplayBuffer
+from qam_ray.tracking import git_commit
 from qam_ray.training import OfflineTrainer
 
 SIZES = {
@@ -126,15 +126,6 @@ def cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def write_records(path: str, records: list[dict]) -> None:
     existing = []
     if os.path.exists(path):
@@ -169,7 +160,7 @@ def main(argv=None) -> int:
                           "cpu" if args.device == "auto" else args.device)
     common = {"size": args.size, "device": device.type, "steps": args.steps, "batch_size": SIZES[args.size]["batch"],
               "dataset": BENCH_ENV + " (generated)",
-              "git_commit": git_commit(), "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "git_commit": git_commit(os.path.dirname(os.path.abspath(__file__))), "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               **machine_info(device)}
     dataset_dir = ensure_dataset(os.path.abspath(args.dataset_dir))
     if any(name in RAY_BENCHMARKS for name in args.only):

@@ -15,7 +15,6 @@ sqlite:///<absolute path>/mlflow.db.  ``--resume`` continues an interrupted swee
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import functools
 import os
@@ -29,7 +28,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo; also silences GLFW's DISPLAY warning
 
 from qam_ray.domains import DOMAIN_NAMES, VARIANTS, domain_of_env
-from qam_ray.training import hyperparams_for_env
+from qam_ray.training import hyperparams_for_env, parse_overrides
 
 PAPER_SEEDS = [10001 * k for k in range(1, 13)]  # the official reproduce.py seeds
 TINY = {"actor_hidden_dims": (16, 16), "value_hidden_dims": (16, 16), "num_qs": 2, "flow_steps": 3}
@@ -106,12 +105,10 @@ def resolve(parser, args) -> tuple[Preset, list[dict]]:
                   "eval_episodes", "num_samples", "max_concurrent", "dataset_dir"):
         if getattr(args, field) is not None:
             setattr(preset, field, getattr(args, field))
-    for pair in args.overrides:
-        key, sep, text = pair.partition("=")
-        try:
-            preset.overrides[key] = ast.literal_eval(text) if sep else parser.error(f"--set {pair!r}: expected KEY=VALUE")
-        except (ValueError, SyntaxError):
-            parser.error(f"--set {pair!r}: {text!r} is not a Python literal")
+    try:
+        preset.overrides.update(parse_overrides(args.overrides))
+    except ValueError as exc:
+        parser.error(str(exc))
     errors = []
     if preset.eval_every % preset.steps_per_iteration or preset.steps % preset.eval_every:
         errors.append(f"--eval-every {preset.eval_every} must be a multiple of {preset.steps_per_iteration} "

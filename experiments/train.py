@@ -12,7 +12,6 @@ config.json, metrics.csv, eval.csv and an RLlib checkpoint to --out.  Without RA
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import json
 import os
@@ -27,20 +26,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo; also silences GLFW's DISPLAY warning
 
 from qam_ray.domains import VARIANTS, parse_singletask_name
-from qam_ray.training import hyperparams_for_env
-
-def parse_overrides(pairs: list[str]) -> dict:
-    overrides = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. --set inv_temp=3.0")
-        try:
-            overrides[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            raise SystemExit(f"--set {pair!r}: {text!r} is not a Python literal (e.g. 3.0, (256,256), None)") from None
-    return overrides
-
+from qam_ray.training import hyperparams_for_env, parse_overrides
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,9 +51,9 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.eval_every % args.log_every:
         p.error(f"--eval-every {args.eval_every} must be a multiple of --log-every {args.log_every}")
-    args.overrides = parse_overrides(args.overrides)
     # Fail on bad names and overrides before Ray or the dataset load.
     try:
+        args.overrides = parse_overrides(args.overrides)
         hyperparams_for_env(args.env, args.variant, 1, 1, args.overrides)
     except (ValueError, TypeError) as exc:
         p.error(str(exc))

@@ -6,6 +6,7 @@ The RLlib Learner runs the same ``optimization_step``; this module is also the `
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 from collections.abc import Callable
@@ -60,6 +61,20 @@ def run_updates(
             f"(now {hp.inv_temp})."
         )
     return means
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["inv_temp=3.0", "actor_hidden_dims=(256,256)"]`` → dict; values are Python literals (CLI ``--set``)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set inv_temp=3.0")
+        try:
+            overrides[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--set {pair!r}: {text!r} is not a Python literal (e.g. 3.0, (256,256), None)") from None
+    return overrides
 
 
 def hyperparams_for_env(
