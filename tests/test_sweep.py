@@ -26,8 +26,10 @@ sweep = load_script("sweep")
 
 def test_paper_preset_dry_run_lists_every_trial(capsys):
     assert sweep.main(["--preset", "paper", "--dry-run", "--dataset-dir", "/data/ogbench"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "1800 trials" in out  # 10 domains × 5 tasks × 12 seeds × 3 variants
+    assert "cube-quadruple-play, puzzle-4x4-play on their 100M-transition datasets" in captured.err
     assert "humanoidmaze-large-navigate" in out and "120012" in out
 
 
