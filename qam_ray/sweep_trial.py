@@ -1,9 +1,10 @@
 """One Tune trial: offline QAM through the RLlib algorithm, with MLflow logging and checkpoint/resume.
 
 The trial's ``spec`` (plain values, built by ``experiments/sweep.py``) names the task, variant, seed, data,
-budget and tracking target.  Progress reaches MLflow only after the checkpoint that covers it is saved
-(``MetricBuffer``), and the child run is found again by the Tune trial id.  So a trial restarted after a failure,
-or by ``--resume``, continues the same run from the checkpoint step with no step logged twice.
+budget and tracking target.  Progress reaches MLflow only after the checkpoint that covers it is saved, and the
+not-yet-logged metrics travel inside that checkpoint (``MetricBuffer``); the child run is found again by the
+Tune trial id.  So a trial restarted after a failure, or by ``--resume``, continues the same run from the
+checkpoint step with every step logged exactly once.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def qam_trial(config: dict, base_spec: dict | None = None) -> None:
         gpus_per_learner=spec["gpus"],
     )
     algo = qam_config.build_algo()
-    state = {"step": 0, "curve": []}
+    state = {"step": 0, "curve": [], "pending": []}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -57,7 +58,8 @@ def qam_trial(config: dict, base_spec: dict | None = None) -> None:
     obs_dim, chunk = qam_config.observation_space.shape[0], qam_config.action_space.shape[0]
     hyperparams = vars(qam_config.qam_hyperparams(obs_dim, chunk // qam_config.horizon_length))
     run_id = _find_or_create_run(spec, hyperparams, algo.dataset_info)
-    metrics = MetricBuffer(spec["tracking"]["uri"], run_id)
+    metrics = MetricBuffer(spec["tracking"]["uri"], run_id, state["pending"])
+    metrics.flush(skip_logged=True)  # what the restored checkpoint covers but a killed run may not have logged
     iteration, step = 0, state["step"]
     while step < spec["steps"]:
         result = algo.train()
@@ -74,6 +76,7 @@ def qam_trial(config: dict, base_spec: dict | None = None) -> None:
         metrics.add(logged, step)
         state["step"] = step
         if step >= spec["steps"] or iteration % spec["checkpoint_every"] == 0:
+            state["pending"] = metrics.pending
             with tempfile.TemporaryDirectory() as directory:
                 algo.save_to_path(os.path.join(directory, "algorithm"))
                 with open(os.path.join(directory, TRIAL_STATE), "w") as f:

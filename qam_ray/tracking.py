@@ -63,25 +63,41 @@ def trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, name: s
 
 
 class MetricBuffer:
-    """Metrics held back until the next checkpoint is saved, then written in one batch: after a crash the trial
-    resumes from that checkpoint, so the run's history never holds a step twice."""
+    """Metrics held back until the checkpoint that covers them is saved, then written in batches.
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    The pending entries are also stored in that checkpoint (``pending``): a trial killed between saving it and
+    flushing restores them and logs what MLflow lacks (``flush(skip_logged=True)``).  After a restart the run's
+    history therefore has every step exactly once.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, pending=()):
         self.tracking_uri, self.run_id = tracking_uri, run_id
-        self._pending = []
+        self._pending = [tuple(entry) for entry in pending]  # (key, value, timestamp ms, step)
+
+    @property
+    def pending(self) -> list[list]:
+        return [list(entry) for entry in self._pending]
 
     def add(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._pending += [(k, float(v), now, int(step)) for k, v in metrics.items()]
 
-    def flush(self) -> None:
+    def flush(self, skip_logged: bool = False) -> None:
+        """Write the pending entries; with ``skip_logged``, only steps past each metric's last logged step."""
+        if not self._pending:
+            return
+        from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.tracking_uri)
-        for start in range(0, len(self._pending), 1000):  # MLflow's log_batch limit
-            client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
+        entries = self._pending
+        if skip_logged:
+            last = {key: max((m.step for m in client.get_metric_history(self.run_id, key)), default=-1)
+                    for key in {entry[0] for entry in entries}}
+            entries = [entry for entry in entries if entry[3] > last[entry[0]]]
+        metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in entries]
+        for start in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+            client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
         self._pending = []
 
 
