@@ -77,17 +77,20 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def registry_hyperparams(env_name: str, variant: str) -> dict:
+    """The per-domain QAMHyperparams values of the registry for ``env_name`` and ``variant``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
+    domain = domain_of_env(env_name)
+    return dict(horizon_length=domain.horizon_length, discount=domain.discount, rho=domain.rho,
+                **variant_hparams(domain, variant))
+
+
 def hyperparams_for_env(
     env_name: str, variant: str, obs_dim: int, action_dim: int, overrides: dict | None = None
 ) -> QAMHyperparams:
     """The paper's per-domain settings for ``env_name`` and ``variant``, then ``overrides`` on top."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
-    domain = domain_of_env(env_name)
-    values = dict(
-        obs_dim=obs_dim, action_dim=action_dim, horizon_length=domain.horizon_length,
-        discount=domain.discount, rho=domain.rho, **variant_hparams(domain, variant),
-    )
+    values = dict(obs_dim=obs_dim, action_dim=action_dim, **registry_hyperparams(env_name, variant))
     unknown = set(overrides or {}) - set(HYPERPARAM_FIELDS)
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(HYPERPARAM_FIELDS)}")

@@ -23,10 +23,11 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import LEARNER_RESULTS
 
 from qam_ray.core.qam import QAMHyperparams, validate_hyperparams
-from qam_ray.domains import VARIANTS, domain_of_env, variant_hparams
+from qam_ray.domains import domain_of_env
 from qam_ray.rllib.chunk_env import ENV_ID, SuccessMetricsCallback, make_chunked_env
 from qam_ray.rllib.learner import QAMTorchLearner
 from qam_ray.rllib.module import QAMRLModule
+from qam_ray.training import registry_hyperparams
 
 # QAM hyperparameters that keep their QAMHyperparams names on the config (RLlib's own gamma, lr, tau,
 # grad_clip and train_batch_size_per_learner carry discount, lr, Polyak rate, clip and batch size).
@@ -34,6 +35,10 @@ QAM_FIELDS = (
     "horizon_length", "actor_hidden_dims", "value_hidden_dims", "num_qs", "flow_steps", "inv_temp", "rho",
     "fql_alpha", "edit_scale", "edit_target_entropy_multiplier", "value_layer_norm",
 )
+
+
+# QAMHyperparams names that RLlib's AlgorithmConfig holds under its own name.
+RLLIB_NAMES = {"discount": "gamma", "clip_grad_max_norm": "grad_clip"}
 
 
 class QAMConfig(AlgorithmConfig):
@@ -74,17 +79,13 @@ class QAMConfig(AlgorithmConfig):
 
         ``domain`` is a paper domain such as ``cube-double-play`` or a generated one such as ``cube-single-play``.
         """
-        if variant not in VARIANTS:
-            raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
         if task not in range(1, 6):
             raise ValueError(f"task={task!r}: expected 1..5")
         env_name = f"{domain}-singletask-task{task}-v0"
-        spec = domain_of_env(env_name)
-        self.env_name, self.dataset_dir, self.sparse = env_name, dataset_dir, spec.sparse
-        self.horizon_length, self.gamma, self.rho = spec.horizon_length, spec.discount, spec.rho
-        for name, value in variant_hparams(spec, variant).items():
-            setattr(self, name, value)
-        env_config = {"env_name": env_name, "horizon": spec.horizon_length}
+        for name, value in registry_hyperparams(env_name, variant).items():
+            setattr(self, RLLIB_NAMES.get(name, name), value)
+        self.env_name, self.dataset_dir, self.sparse = env_name, dataset_dir, domain_of_env(env_name).sparse
+        env_config = {"env_name": env_name, "horizon": self.horizon_length}
         probe = make_chunked_env(env_config)  # ~1 s; gives the spaces the RLModule is built from
         self.environment(ENV_ID, env_config=env_config, observation_space=probe.observation_space,
                          action_space=probe.action_space)
@@ -134,10 +135,6 @@ class QAMConfig(AlgorithmConfig):
     @property
     def qam_seed(self) -> int:
         return self.seed or 0
-
-
-# QAMHyperparams names that RLlib's AlgorithmConfig holds under its own name.
-RLLIB_NAMES = {"discount": "gamma", "clip_grad_max_norm": "grad_clip"}
 
 
 def build_qam_config(
