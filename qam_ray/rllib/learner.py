@@ -56,10 +56,10 @@ class QAMTorchLearner(TorchLearner):
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         raise NotImplementedError("QAM updates through run_steps (learner-resident data), not Learner.update")
 
-    def load_dataset(self, env_name: str, dataset_dir: str | None, sparse: bool, capacity: int | None = None) -> dict:
+    def load_dataset(self, env_name: str, dataset_dir: str | None, sparse: bool) -> dict:
         """Load the dataset by path onto this learner's device (never through the config)."""
         dataset = load_offline_dataset(env_name, dataset_dir, sparse=sparse)
-        self.buffer = ChunkReplayBuffer.from_arrays(dataset.train, self._device, capacity=capacity)
+        self.buffer = ChunkReplayBuffer.from_arrays(dataset.train, self._device)
         return {"dataset_source": dataset.source, "dataset_sha256": dataset.sha256, "transitions": self.buffer.size}
 
     def run_steps(self, num_steps: int, batch_size: int) -> dict[str, float]:
