@@ -18,6 +18,14 @@ def tiny_dataset_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_puzzle_dataset_dir(tmp_path_factory):
+    """2 episodes of 60 rows of puzzle-3x3 play data (a sparse-reward domain)."""
+    out = tmp_path_factory.mktemp("ogbench_puzzle")
+    generate_dataset("puzzle-3x3", "play", episodes=2, seed=0, out_dir=out, episode_length=60, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def local_ray():
     """A private local Ray instance (own temp dir, never an existing cluster); shut down after the session."""
     import tempfile

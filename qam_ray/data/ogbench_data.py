@@ -242,11 +242,15 @@ def _check_loaded(data: dict, path: str, name: SingletaskName, obs_dim: int, act
             )
 
 
+def sparse_rewards(rewards: np.ndarray) -> np.ndarray:
+    """QAM_SPEC §3: r <- -1[r != 0], i.e. -1 until every sub-goal is solved (offline and online). Masks are unchanged."""
+    return -(np.asarray(rewards) != 0).astype(np.float32)
+
+
 def _preprocess(data: dict, sparse: bool, clip_actions: bool) -> dict[str, np.ndarray]:
     out = {key: np.asarray(data[key], dtype=np.float32) for key in TRANSITION_KEYS}
     if sparse:
-        # QAM_SPEC §3: r <- -1[r != 0], i.e. -1 until every sub-goal is solved. Masks are unchanged.
-        out['rewards'] = -(out['rewards'] != 0).astype(np.float32)
+        out['rewards'] = sparse_rewards(out['rewards'])
     if clip_actions:
         out['actions'] = np.clip(out['actions'], -1 + ACTION_CLIP_EPS, 1 - ACTION_CLIP_EPS)
     return out

@@ -88,6 +88,16 @@ class ChunkReplayBuffer:
             self._storage[key][self._size : self._size + count] = block
         self._size += count
 
+    def rows(self, start: int) -> dict[str, np.ndarray]:
+        """Rows [start, size) as host arrays (e.g. the online part, for a checkpoint)."""
+        return {key: tensor[start:self._size].cpu().numpy() for key, tensor in self._storage.items()}
+
+    def truncate(self, size: int) -> None:
+        """Forget rows [size, current size); capacity is kept (a restore refills them with ``add_transitions``)."""
+        if not 0 <= size <= self._size:
+            raise ValueError(f'cannot truncate a buffer of {self._size} transitions to {size}.')
+        self._size = size
+
     def sample(self, batch_size: int, horizon: int, discount: float,
                generator: torch.Generator) -> dict[str, torch.Tensor]:
         """A batch of chunks whose start is uniform over every full window, t in [0, size - horizon]."""

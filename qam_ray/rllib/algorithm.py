@@ -7,24 +7,35 @@
     algo = config.build_algo()
     algo.train()
 
-Offline only: no training EnvRunners; each learner loads its dataset by path onto its own device, and every
-``training_step`` asks the learners for ``num_steps_per_iteration`` gradient steps sampled learner-side.
+Offline (the default): no training EnvRunners; each learner loads its dataset by path onto its own device, and
+every ``training_step`` asks the learners for ``num_steps_per_iteration`` gradient steps sampled learner-side.
+
+Online (``.online(...)``, QAM_SPEC §9): start from an offline checkpoint; the learners' buffers hold the offline
+dataset plus room for ``online_steps`` env transitions; each ``training_step`` samples chunk-steps on the EnvRunners
+(``num_env_runners`` × ``num_envs_per_env_runner`` envs, ``rollout_fragment_length`` chunks each), appends their
+single-step transitions to every learner's buffer, runs ``utd_ratio`` updates per new env step once
+``start_training`` env steps exist, and syncs the new weights to the EnvRunners.  Evaluation then runs every
+``online_eval_every`` env steps and at the end of the phase.
+
 Evaluation runs on RLlib's evaluation EnvRunners with action chunks executed open-loop (``ActionChunkEnv``).
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
 
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.rllib.utils.metrics import LEARNER_RESULTS
+from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EVALUATION_RESULTS, LEARNER_RESULTS
 
 from qam_ray.core.qam import QAMHyperparams, validate_hyperparams
 from qam_ray.domains import domain_of_env
-from qam_ray.rllib.chunk_env import ENV_ID, SuccessMetricsCallback, make_chunked_env
+from qam_ray.rllib.chunk_env import ENV_ID, SuccessMetricsCallback, episode_transitions, make_chunked_env
 from qam_ray.rllib.learner import QAMTorchLearner
 from qam_ray.rllib.module import QAMRLModule
 from qam_ray.training import registry_hyperparams
@@ -36,6 +47,8 @@ QAM_FIELDS = (
     "fql_alpha", "edit_scale", "edit_target_entropy_multiplier", "value_layer_norm",
 )
 
+
+ONLINE_RESULTS = "online"  # result key of the online phase's counters and timings
 
 # QAMHyperparams names that RLlib's AlgorithmConfig holds under its own name.
 RLLIB_NAMES = {"discount": "gamma", "clip_grad_max_norm": "grad_clip"}
@@ -64,6 +77,13 @@ class QAMConfig(AlgorithmConfig):
         self.callbacks_class = SuccessMetricsCallback
         self.evaluation_duration_unit = "episodes"
         self.evaluation_duration = 50
+        # Online phase (set by .online()).
+        self.online_steps = 0  # env steps (single actions, not chunks)
+        self.utd_ratio = 1.0  # gradient steps per env step
+        self.start_training = 5000  # env steps collected before the first online update
+        self.online_eval_every = 50_000  # env steps
+        self.offline_checkpoint = None  # algorithm checkpoint folder the learners start from
+        self.rollout_fragment_length = 20  # chunks per env and iteration (≤ 20·H env steps)
 
     def training(self, *, num_steps_per_iteration=None, **kwargs):
         """QAM_FIELDS by name, ``num_steps_per_iteration``, and every RLlib training option."""
@@ -92,6 +112,18 @@ class QAMConfig(AlgorithmConfig):
         probe.close()
         return self
 
+    def online(self, online_steps: int = 500_000, *, utd_ratio: float = 1.0, start_training: int = 5000,
+               eval_every: int = 50_000, offline_checkpoint: str | None = None):
+        """Offline-to-online fine-tuning (QAM_SPEC §9 defaults).  ``offline_checkpoint`` is a ``save_to_path``
+        folder of an offline run; its learner state (networks, Adam, sampling generator, step count) is loaded.
+        Set EnvRunners with ``.env_runners(num_env_runners=..., num_envs_per_env_runner=...)``."""
+        self._is_online = True
+        self.online_steps, self.utd_ratio, self.start_training = online_steps, utd_ratio, start_training
+        self.online_eval_every = eval_every
+        self.offline_checkpoint = os.path.abspath(offline_checkpoint) if offline_checkpoint else None
+        self.evaluation_interval = None  # evaluation follows env steps instead (QAM.step)
+        return self
+
     def qam_hyperparams(self, obs_dim: int, action_dim: int) -> QAMHyperparams:
         return QAMHyperparams(
             obs_dim=obs_dim, action_dim=action_dim, discount=self.gamma, lr=self.lr, tau=self.tau,
@@ -112,6 +144,8 @@ class QAMConfig(AlgorithmConfig):
         if self.action_space is not None and self.action_space.shape[0] % self.horizon_length:
             errors.append(f"horizon_length={self.horizon_length} does not divide the action space "
                           f"{self.action_space.shape}; set it through .ogbench()")
+        if self._is_online:
+            errors += _online_errors(self)
         # Dimensions are placeholders here: the spaces fix them when the module is built.
         try:
             errors += validate_hyperparams(self.qam_hyperparams(1, 1))
@@ -125,9 +159,7 @@ class QAMConfig(AlgorithmConfig):
 
     def _model_config_for_module(self) -> dict:
         # The module takes obs_dim / action_dim from its spaces.
-        model_config = {k: v for k, v in vars(self.qam_hyperparams(1, 1)).items() if k not in ("obs_dim", "action_dim")}
-        model_config["seed"] = self.qam_seed
-        return model_config
+        return {k: v for k, v in vars(self.qam_hyperparams(1, 1)).items() if k not in ("obs_dim", "action_dim")}
 
     def get_default_learner_class(self):
         return QAMTorchLearner
@@ -153,6 +185,29 @@ def build_qam_config(
             .debugging(seed=seed))
 
 
+def _online_errors(config: QAMConfig) -> list[str]:
+    errors = []
+    for name in ("online_steps", "start_training", "online_eval_every"):
+        value = getattr(config, name)
+        if not (isinstance(value, int) and value >= (0 if name == "start_training" else 1)):
+            errors.append(f"{name}={value!r}: must be an integer >= {0 if name == 'start_training' else 1}")
+    if not (isinstance(config.utd_ratio, (int, float)) and config.utd_ratio > 0):
+        errors.append(f"utd_ratio={config.utd_ratio!r}: must be > 0 (gradient steps per env step)")
+    checkpoint = config.offline_checkpoint
+    if checkpoint is not None and not os.path.isdir(os.path.join(checkpoint, "learner_group")):
+        errors.append(f"offline_checkpoint={checkpoint!r} has no learner_group/ folder: pass the folder written by "
+                      "algo.save_to_path() (train.py's --out/checkpoint, or a sweep checkpoint's algorithm/)")
+    return errors
+
+
+def online_updates(before: int, after: int, start_training: int, utd_ratio: float) -> int:
+    """Gradient steps owed for env steps (before, after]: ``utd_ratio`` per env step past ``start_training``,
+    counted cumulatively so a fractional ratio loses nothing and the total matches the reference's loop."""
+    def owed(steps: int) -> int:
+        return math.floor(utd_ratio * max(0, steps - start_training))
+    return owed(after) - owed(before)
+
+
 class QAM(Algorithm):
     @classmethod
     def get_default_config(cls) -> QAMConfig:
@@ -161,20 +216,85 @@ class QAM(Algorithm):
     def setup(self, config) -> None:
         super().setup(config)
         cfg = self.config
+        online_capacity = cfg.online_steps if cfg._is_online else 0
         results = self.learner_group.foreach_learner(
-            lambda learner: learner.load_dataset(cfg.env_name, cfg.dataset_dir, cfg.sparse)
+            lambda learner: learner.load_dataset(cfg.env_name, cfg.dataset_dir, cfg.sparse, online_capacity)
         )
-        self.dataset_info = _values(results)[0]
+        self.dataset_info = call_values(results)[0]
+        self._evaluate_after_step = False
+        if cfg._is_online and cfg.offline_checkpoint:
+            self.learner_group.restore_from_path(os.path.join(cfg.offline_checkpoint, "learner_group"))
+            self._sync_env_runners()
+
+    def _sync_env_runners(self) -> None:
+        call_values(self.learner_group.foreach_learner(lambda learner: learner.bump_weights_seq_no()))
+        self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
 
     def training_step(self) -> None:
+        if self.config._is_online:
+            return self._online_training_step()
         steps, batch = self.config.num_steps_per_iteration, self.config.train_batch_size_per_learner
         start = time.perf_counter()
-        per_learner = _values(self.learner_group.foreach_learner(lambda learner: learner.run_steps(steps, batch)))
+        per_learner = call_values(self.learner_group.foreach_learner(lambda learner: learner.run_steps(steps, batch)))
         elapsed = time.perf_counter() - start
         means = {key: sum(m[key] for m in per_learner) / len(per_learner) for key in per_learner[0]}
         means["updates_per_s"] = steps / elapsed  # RLlib owns the top-level "perf" key
         self.metrics.log_dict(means, key=(LEARNER_RESULTS, DEFAULT_MODULE_ID), reduce="mean", window=1)
         self.metrics.log_value("num_gradient_steps_lifetime", steps, reduce="lifetime_sum")
+
+    def _online_training_step(self) -> None:
+        cfg = self.config
+        start = time.perf_counter()
+        episodes, runner_metrics = synchronous_parallel_sample(
+            worker_set=self.env_runner_group, concat=True, _uses_new_env_runners=True, _return_metrics=True)
+        self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
+        transitions = episode_transitions(episodes)
+        sampled = len(transitions.get("rewards", ()))
+        before = call_values(self.learner_group.foreach_learner(lambda learner: learner.online_transitions))[0]
+        keep = min(sampled, cfg.online_steps - before)  # the phase ends at exactly online_steps env steps
+        transitions = {key: value[:keep] for key, value in transitions.items()}
+        sample_s = time.perf_counter() - start
+
+        after = call_values(self.learner_group.foreach_learner(lambda learner: learner.add_online_transitions(transitions)))[0]
+        updates = online_updates(before, after, cfg.start_training, cfg.utd_ratio)
+        start = time.perf_counter()
+        if updates:
+            batch = cfg.train_batch_size_per_learner
+            per_learner = call_values(self.learner_group.foreach_learner(lambda learner: learner.run_steps(updates, batch)))
+            means = {key: sum(m[key] for m in per_learner) / len(per_learner) for key in per_learner[0]}
+            self.metrics.log_dict(means, key=(LEARNER_RESULTS, DEFAULT_MODULE_ID), reduce="mean", window=1)
+            self.metrics.log_value("num_gradient_steps_lifetime", updates, reduce="lifetime_sum")
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+        update_s = time.perf_counter() - start
+        gradient_steps = call_values(self.learner_group.foreach_learner(lambda learner: learner.gradient_steps))[0]
+        online = {
+            "env_steps": after, "buffer_size": self.dataset_info["transitions"] + after,
+            "gradient_steps": gradient_steps, "updates": updates, "sample_s": sample_s, "update_s": update_s,
+            "env_steps_per_s": keep / sample_s if sample_s > 0 else 0.0,
+            "updates_per_s": updates / update_s if updates else 0.0,
+        }
+        self.metrics.log_dict(online, key=ONLINE_RESULTS, reduce="mean", window=1)
+        every = cfg.online_eval_every
+        self._evaluate_after_step = after // every > before // every or (after == cfg.online_steps > before)
+
+    def step(self) -> dict:
+        interval = self.config.evaluation_interval
+        evaluated = bool(interval and (self.iteration + 1) % interval == 0)  # RLlib's own schedule
+        results = super().step()
+        if self._evaluate_after_step:  # online: every online_eval_every env steps and at the end of the phase
+            self._evaluate_after_step = False
+            results[EVALUATION_RESULTS] = self.evaluate()  # the new stack returns the bare metrics
+            evaluated = True
+        if not evaluated:
+            # Ray 2.60 re-reports the last evaluation's metrics in every later iteration; a result carries
+            # "evaluation" only when it evaluated, so curves get no stale points.
+            results.pop(EVALUATION_RESULTS, None)
+        return results
+
+    @classmethod
+    def _should_create_evaluation_env_runners(cls, eval_config) -> bool:
+        # Online evaluation is scheduled by env steps (evaluation_interval is None), but still needs its runners.
+        return eval_config._is_online or super()._should_create_evaluation_env_runners(eval_config)
 
     def restore_from_path(self, path, *args, **kwargs):
         # Ray 2.60's Algorithm.restore_from_path syncs training EnvRunners unconditionally, and an offline
@@ -184,7 +304,7 @@ class QAM(Algorithm):
         return super().restore_from_path(path, *args, **kwargs)
 
 
-def _values(results) -> list:
+def call_values(results) -> list:
     """Values of a ``foreach_learner`` call; re-raises a learner's exception (e.g. NonFiniteLossError)."""
     values = []
     for result in results:

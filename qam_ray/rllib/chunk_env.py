@@ -3,6 +3,9 @@
 QAM acts in chunks of H actions that are played without re-planning (the official evaluation.py).  RLlib's
 EnvRunners call the module once per env step, so the wrapper makes one env step = one chunk: its action space is
 the flattened chunk (H·A) and ``step`` plays the H actions in order, stopping early when the episode ends.
+
+Online training stores single-step transitions, as the reference does (QAM_SPEC §3), so each chunk step also reports
+the env steps it played in ``info["transitions"]``; ``episode_transitions`` turns sampled episodes into buffer rows.
 """
 
 from __future__ import annotations
@@ -30,19 +33,28 @@ class ActionChunkEnv(gym.Wrapper):
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        return obs.astype(np.float32), info
+        self._obs, self._episode_steps = obs.astype(np.float32), 0
+        return self._obs, info
 
     def step(self, chunk):
         actions = np.asarray(chunk, dtype=np.float32).reshape(self.horizon, -1)
-        total_reward, steps = 0.0, 0
+        observations, rewards, terminations = [self._obs], [], []
         for action in actions:
             obs, reward, terminated, truncated, info = self.env.step(action)
-            total_reward += float(reward)
-            steps += 1
+            observations.append(obs.astype(np.float32))
+            rewards.append(float(reward))
+            terminations.append(bool(terminated))
             if terminated or truncated:
                 break
-        info = dict(info, chunk_steps=steps)
-        return obs.astype(np.float32), total_reward, terminated, truncated, info
+        steps = len(rewards)
+        self._obs, self._episode_steps = observations[-1], self._episode_steps + steps
+        transitions = {
+            "observations": np.stack(observations[:-1]), "actions": actions[:steps].copy(),
+            "next_observations": np.stack(observations[1:]), "rewards": np.asarray(rewards, np.float32),
+            "terminated": np.asarray(terminations, np.float32),
+        }
+        info = dict(info, chunk_steps=steps, episode_env_steps=self._episode_steps, transitions=transitions)
+        return self._obs, float(sum(rewards)), terminated, truncated, info
 
 
 def make_chunked_env(env_config: dict) -> ActionChunkEnv:
@@ -58,10 +70,36 @@ register_env(ENV_ID, make_chunked_env)
 
 class SuccessMetricsCallback(RLlibCallback):
     """Logs OGBench's ``info['success']`` at each episode's end as ``success_rate`` and the episode length in
-    env steps (RLlib's own length counts chunks)."""
+    env steps (RLlib's own length counts chunks; a training episode here is only its last fragment, so the
+    wrapper counts the steps)."""
 
     def on_episode_end(self, *, episode, metrics_logger, **kwargs) -> None:
-        infos = episode.get_infos()
-        metrics_logger.log_value("success_rate", float(infos[-1].get("success", 0.0)), reduce="mean")
-        env_steps = sum(int(info.get("chunk_steps", 0)) for info in infos)
-        metrics_logger.log_value("episode_env_steps", float(env_steps), reduce="mean")
+        last = episode.get_infos()[-1]
+        metrics_logger.log_value("success_rate", float(last.get("success", 0.0)), reduce="mean")
+        metrics_logger.log_value("episode_env_steps", float(last.get("episode_env_steps", 0)), reduce="mean")
+
+
+def episode_transitions(episodes) -> dict[str, np.ndarray]:
+    """The single-step transitions of sampled episode fragments, in buffer layout (``TRANSITION_KEYS``).
+
+    Fragments are appended one after another, so the last transition of every fragment gets ``terminals = 1``:
+    at an episode end that is the reference's ``terminals = done``; at a fragment cut by
+    ``rollout_fragment_length`` it stops buffer chunks from running into another env's data (those few chunk
+    starts then carry no critic/BC loss; ``batch_mode="complete_episodes"`` avoids cuts altogether).
+    ``masks = 1 - terminated``: bootstrapping stops only at success, not at a time limit or a cut.
+    """
+    blocks = []
+    for episode in episodes:
+        if len(episode) == 0:
+            continue
+        # The last len(episode) infos belong to this fragment's steps; an earlier one is the reset's or, on a
+        # continued fragment, the previous fragment's last step.
+        steps = [info["transitions"] for info in episode.get_infos()[-len(episode):]]
+        block = {key: np.concatenate([step[key] for step in steps]) for key in steps[0]}
+        block["terminals"] = np.zeros_like(block["rewards"])
+        block["terminals"][-1] = 1.0
+        block["masks"] = 1.0 - block.pop("terminated")
+        blocks.append(block)
+    if not blocks:
+        return {}
+    return {key: np.concatenate([block[key] for block in blocks]) for key in blocks[0]}

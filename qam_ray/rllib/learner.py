@@ -16,12 +16,13 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
 from qam_ray.core.qam import make_optimizer
-from qam_ray.data.ogbench_data import load_offline_dataset
+from qam_ray.data.ogbench_data import load_offline_dataset, sparse_rewards
 from qam_ray.data.replay import ChunkReplayBuffer
 from qam_ray.training import run_updates
 
 OPTIMIZER_NAME = "adam"
 GENERATOR_STATE = "qam_generator_state"
+ONLINE_ROWS = "qam_online_transitions"  # the online part of the buffer, in checkpoints only
 
 
 class QAMTorchLearner(TorchLearner):
@@ -56,11 +57,27 @@ class QAMTorchLearner(TorchLearner):
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         raise NotImplementedError("QAM updates through run_steps (learner-resident data), not Learner.update")
 
-    def load_dataset(self, env_name: str, dataset_dir: str | None, sparse: bool) -> dict:
-        """Load the dataset by path onto this learner's device (never through the config)."""
+    def load_dataset(self, env_name: str, dataset_dir: str | None, sparse: bool, online_capacity: int = 0) -> dict:
+        """Load the dataset by path onto this learner's device (never through the config), with room for
+        ``online_capacity`` online transitions after it."""
         dataset = load_offline_dataset(env_name, dataset_dir, sparse=sparse)
-        self.buffer = ChunkReplayBuffer.from_arrays(dataset.train, self._device)
-        return {"dataset_source": dataset.source, "dataset_sha256": dataset.sha256, "transitions": self.buffer.size}
+        size = len(dataset.train["rewards"])
+        self.buffer = ChunkReplayBuffer.from_arrays(dataset.train, self._device, capacity=size + online_capacity)
+        self._offline_size, self._sparse = size, sparse
+        return {"dataset_source": dataset.source, "dataset_sha256": dataset.sha256, "transitions": size}
+
+    @property
+    def online_transitions(self) -> int:
+        return self.buffer.size - self._offline_size
+
+    def add_online_transitions(self, transitions: dict) -> int:
+        """Append env transitions (``episode_transitions`` layout, raw env rewards) with the offline data's reward
+        convention; returns the number of online transitions held."""
+        if transitions:
+            if self._sparse:
+                transitions = dict(transitions, rewards=sparse_rewards(transitions["rewards"]))
+            self.buffer.add_transitions(**transitions)
+        return self.online_transitions
 
     def run_steps(self, num_steps: int, batch_size: int) -> dict[str, float]:
         """``num_steps`` QAM updates; returns the mean of every metric over them (one host sync)."""
@@ -84,10 +101,15 @@ class QAMTorchLearner(TorchLearner):
         for g, chunk in zip(grads, torch.split(flat, [g.numel() for g in grads])):
             g.copy_(chunk.view_as(g))
 
-    def get_state(self, *args, **kwargs):
-        state = super().get_state(*args, **kwargs)
+    def get_state(self, components=None, *, not_components=None, **kwargs):
+        state = super().get_state(components, not_components=not_components, **kwargs)
         state[GENERATOR_STATE] = self._generator.get_state()
         state["gradient_steps"] = self.gradient_steps
+        # Online data cannot be reloaded by path, so a checkpoint carries it; weight syncs (which ask for the
+        # rl_module component only) do not.
+        if self.buffer is not None and self.online_transitions and self._check_component(
+                ONLINE_ROWS, components, not_components):
+            state[ONLINE_ROWS] = self.buffer.rows(self._offline_size)
         return state
 
     def set_state(self, state) -> None:
@@ -95,3 +117,10 @@ class QAMTorchLearner(TorchLearner):
         if GENERATOR_STATE in state:
             self._generator.set_state(state[GENERATOR_STATE])
         self.gradient_steps = state.get("gradient_steps", self.gradient_steps)
+        if ONLINE_ROWS in state:
+            self.buffer.truncate(self._offline_size)
+            self.buffer.add_transitions(**state[ONLINE_ROWS])
+
+    def bump_weights_seq_no(self) -> None:
+        """Make the next weight sync reach EnvRunners, which ignore weights not newer than theirs."""
+        self._weights_seq_no += 1

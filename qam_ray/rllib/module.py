@@ -1,8 +1,7 @@
 """QAMRLModule: owns the QAM networks; inference returns flattened action chunks.
 
 ``model_config`` holds the fields of :class:`QAMHyperparams` except the dimensions, which come from the spaces
-(observation (obs_dim,), action = one flattened chunk (horizon_length · action_dim,)), plus ``seed`` for the acting
-noise.  It is a plain dict, so it pickles into checkpoints and ``RLModule.from_checkpoint`` rebuilds the module.  On EnvRunners
+(observation (obs_dim,), action = one flattened chunk (horizon_length · action_dim,)).  It is a plain dict, so it pickles into checkpoints and ``RLModule.from_checkpoint`` rebuilds the module.  On EnvRunners
 (``inference_only``) only the acting networks exist: the critics and the training-only flows are dropped, so
 weight syncs stay small.
 """
@@ -40,8 +39,9 @@ class QAMRLModule(TorchRLModule, InferenceOnlyAPI):
     def _action_chunks(self, batch: dict) -> dict:
         obs = batch[Columns.OBS].float()
         if self._generator is None or self._generator.device != obs.device:
-            seed = int(self.model_config.get("seed", 0))
-            self._generator = torch.Generator(device=obs.device).manual_seed(seed)
+            # RLlib seeds each EnvRunner's torch with config.seed + worker index (+1e6 for evaluation), so the
+            # acting noise differs between runners and is reproducible.
+            self._generator = torch.Generator(device=obs.device).manual_seed(torch.initial_seed())
         chunks = sample_action_chunks(self.nets, self.hp, obs, self._generator)
         return {Columns.ACTIONS: chunks.reshape(obs.shape[0], -1)}
 
