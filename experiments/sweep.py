@@ -3,11 +3,15 @@
     python experiments/sweep.py --preset quickstart                   # generated data, minutes on a laptop CPU
     python experiments/sweep.py --preset paper --dataset-dir /data/ogbench --gpus-per-trial 0.25 --dry-run
     python experiments/sweep.py --preset search --domains cube-double-play --tasks 2 --variants QAM-E
+    python experiments/sweep.py --preset paper-online --dataset-dir /data/ogbench --env-runners 2 --dry-run
     ray job submit --working-dir . -- python experiments/sweep.py --preset smoke
 
 Presets: ``paper`` (10 domains × tasks 1-5 × 12 seeds × QAM/QAM-E/QAM-F, 1M steps, evaluation every 50K steps
 with 50 episodes), ``search`` (Optuna over τ and the variant's other knobs with ASHA early stopping on
-success), ``quickstart`` (generated cube-single data, small networks) and ``smoke`` (CI, tiny).  Any flag
+success), ``quickstart`` (generated cube-single data, small networks) and ``smoke`` (CI, tiny).
+``paper-online`` and ``smoke-online`` add online fine-tuning after the offline steps in the same trial and MLflow
+run (500K env steps for the paper, UTD 1, updates from 5K env steps, one EnvRunner like the reference's single
+env; ``--env-runners`` / ``--envs-per-env-runner`` collect in parallel).  Any flag
 overrides the preset; ``--set key=value`` overrides any QAM hyperparameter.  Tracking: MLFLOW_TRACKING_URI, or
 sqlite:///<absolute path>/mlflow.db.  ``--resume`` continues an interrupted sweep from its checkpoints.
 """
@@ -53,6 +57,15 @@ class Preset:
     search: bool = False
     num_samples: int = 1
     max_concurrent: int = 2
+    # Online fine-tuning after the offline steps (QAM_SPEC §9); online_steps = 0 trains offline only.
+    online_steps: int = 0
+    online_eval_every: int = 50_000  # env steps
+    utd_ratio: float = 1.0
+    start_training: int = 5000
+    env_runners: int = 1  # the reference collects with one env
+    envs_per_env_runner: int = 1
+    rollout_fragment_length: int = 20  # chunks per env and iteration
+    cpus_per_env_runner: float = 1.0
 
 
 PRESETS = {
@@ -68,6 +81,13 @@ PRESETS = {
                     eval_episodes=1, checkpoint_every=1, overrides=dict(TINY), batch_size=16,
                     dataset_dir="data/smoke", generate=("cube-single", "play", 2)),
 }
+# Offline → online: the paper's 1M offline + 500K online env steps, and a tiny CI version on 2 EnvRunners.
+PRESETS["paper-online"] = dataclasses.replace(PRESETS["paper"], online_steps=500_000)
+PRESETS["smoke-online"] = dataclasses.replace(
+    PRESETS["smoke"], seeds=[0], online_steps=100, online_eval_every=100, start_training=50, env_runners=2,
+    rollout_fragment_length=5, cpus_per_env_runner=0.5)
+ONLINE_FIELDS = ("online_steps", "online_eval_every", "utd_ratio", "start_training", "env_runners",
+                 "envs_per_env_runner", "rollout_fragment_length", "cpus_per_env_runner")
 
 
 def parse_args(argv=None):
@@ -81,9 +101,23 @@ def parse_args(argv=None):
     p.add_argument("--steps-per-iteration", type=int, help="gradient steps per training iteration (Tune report)")
     p.add_argument("--eval-every", type=int, help="gradient steps between evaluations")
     p.add_argument("--eval-episodes", type=int)
+    p.add_argument("--batch-size", type=int, help="chunks per gradient step")
     p.add_argument("--num-samples", type=int, help="search preset: Optuna trials")
     p.add_argument("--max-concurrent", type=int, help="search preset: trials at once")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    online = p.add_argument_group("online fine-tuning (after the offline steps)")
+    online.add_argument("--online-steps", type=int, help="env steps online (0 = offline only)")
+    online.add_argument("--online-eval-every", type=int, help="env steps between online evaluations")
+    online.add_argument("--utd-ratio", type=float, help="gradient steps per env step")
+    online.add_argument("--start-training", type=int, help="env steps collected before the first online update")
+    online.add_argument("--env-runners", type=int, help="EnvRunner actors per trial")
+    online.add_argument("--envs-per-env-runner", type=int)
+    online.add_argument("--rollout-fragment-length", type=int, help="chunks per env and iteration")
+    online.add_argument("--cpus-per-env-runner", type=float)
+    online.add_argument("--offline-checkpoint", help="skip the offline phase: start from this algorithm checkpoint "
+                        "(one trial only)")
+    online.add_argument("--continue-run", help="MLflow run id the trial continues instead of a new child run "
+                        "(one trial only)")
     p.add_argument("--dataset-dir", help="OGBench dataset folder (default: the preset's, else OGBench's download dir)")
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--gpus-per-trial", type=float, default=0, help="fractions let several trials share a GPU")
@@ -102,7 +136,7 @@ def resolve(parser, args) -> tuple[Preset, list[dict]]:
     preset = dataclasses.replace(PRESETS[args.preset])
     preset.overrides = dict(preset.overrides)  # replace() is shallow: --set must not leak into PRESETS
     for field in ("domains", "tasks", "seeds", "variants", "steps", "steps_per_iteration", "eval_every",
-                  "eval_episodes", "num_samples", "max_concurrent", "dataset_dir"):
+                  "eval_episodes", "batch_size", "num_samples", "max_concurrent", "dataset_dir", *ONLINE_FIELDS):
         if getattr(args, field) is not None:
             setattr(preset, field, getattr(args, field))
     try:
@@ -117,6 +151,7 @@ def resolve(parser, args) -> tuple[Preset, list[dict]]:
         errors.append(f"--tasks {preset.tasks}: tasks are 1..5")
     if preset.search and len(preset.domains) * len(preset.tasks) * len(preset.variants) != 1:
         errors.append("the search preset tunes one domain, task and variant at a time: pass one of each")
+    errors += online_errors(preset, args)
     for domain in preset.domains:
         for variant in preset.variants:
             try:
@@ -132,10 +167,33 @@ def resolve(parser, args) -> tuple[Preset, list[dict]]:
          "steps_per_iteration": preset.steps_per_iteration, "eval_every": preset.eval_every,
          "eval_episodes": preset.eval_episodes, "checkpoint_every": preset.checkpoint_every,
          "batch_size": preset.batch_size, "overrides": dict(preset.overrides), "gpus": args.gpus_per_trial,
-         "threads": max(1, int(args.cpus_per_trial))}
+         "threads": max(1, int(args.cpus_per_trial)), **{k: getattr(preset, k) for k in ONLINE_FIELDS},
+         "offline_checkpoint": args.offline_checkpoint and os.path.abspath(args.offline_checkpoint),
+         "mlflow_run_id": args.continue_run}
         for d in preset.domains for t in preset.tasks for v in preset.variants for s in preset.seeds
     ]
     return preset, specs
+
+
+def online_errors(preset: Preset, args) -> list[str]:
+    errors = []
+    if preset.online_steps < 0 or preset.utd_ratio <= 0 or preset.start_training < 0:
+        errors.append("--online-steps and --start-training must be >= 0 and --utd-ratio > 0")
+    if preset.online_steps and (preset.env_runners < 1 or preset.envs_per_env_runner < 1
+                                or preset.rollout_fragment_length < 1 or preset.online_eval_every < 1):
+        errors.append("--env-runners, --envs-per-env-runner, --rollout-fragment-length and --online-eval-every "
+                      "must be >= 1 for an online phase")
+    single = len(preset.domains) * len(preset.tasks) * len(preset.variants) * len(preset.seeds) == 1
+    for flag, value in (("--offline-checkpoint", args.offline_checkpoint), ("--continue-run", args.continue_run)):
+        if value and not single:
+            errors.append(f"{flag} belongs to one trial: pass one domain, task, variant and seed")
+    if args.offline_checkpoint:
+        if not preset.online_steps:
+            errors.append("--offline-checkpoint starts the online phase: set --online-steps")
+        if not os.path.isdir(os.path.join(args.offline_checkpoint, "learner_group")):
+            errors.append(f"--offline-checkpoint {args.offline_checkpoint}: no learner_group/ folder; pass a folder "
+                          "written by algo.save_to_path (train.py --out DIR writes DIR/checkpoint)")
+    return errors
 
 
 def check_data(preset: Preset) -> None:
@@ -176,7 +234,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         import pandas as pd
 
-        table = pd.DataFrame(specs)[["domain", "task", "variant", "seed", "steps", "eval_every", "dataset_dir"]]
+        table = pd.DataFrame(specs)[["domain", "task", "variant", "seed", "steps", "eval_every", "online_steps",
+                                     "env_runners", "dataset_dir"]]
         print(table.to_string() if not preset.search else f"search over {preset.num_samples} Optuna trials of\n{table}")
         print(f"{len(specs) if not preset.search else preset.num_samples} trials, sweep {name!r}")
         return 0
@@ -194,12 +253,15 @@ def main(argv=None) -> int:
     parent = parent_run(uri, experiment_id, name, {"preset": args.preset, "algo": "QAM"})
     commit = git_commit(os.path.dirname(os.path.abspath(__file__)))
     tracking = {"uri": uri, "experiment_id": experiment_id, "parent_run_id": parent, "sweep": name}
-    for spec in specs:
-        spec.update(tracking=tracking, git_commit=commit)
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
-    trainable = tune.with_resources(tune.with_parameters(qam_trial, base_spec=specs[0]),
-                                    {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     path = os.path.join(storage, name)
+    for spec in specs:
+        spec.update(tracking=tracking, git_commit=commit, results_dir=path)
+    ray.init(ignore_reinit_error=True, include_dashboard=False)
+    # The trial's own bundle (learner, evaluation) plus one per EnvRunner, which RLlib starts inside the trial.
+    runners = preset.env_runners if preset.online_steps else 0
+    trial_bundle = {"CPU": args.cpus_per_trial, **({"GPU": args.gpus_per_trial} if args.gpus_per_trial else {})}
+    resources = tune.PlacementGroupFactory([trial_bundle] + [{"CPU": preset.cpus_per_env_runner}] * runners)
+    trainable = tune.with_resources(tune.with_parameters(qam_trial, base_spec=specs[0]), resources)
     if args.resume:
         if not tune.Tuner.can_restore(path):
             raise SystemExit(f"error: nothing to resume at {path}; run without --resume first")

@@ -1,4 +1,5 @@
-"""One Tune trial: offline QAM through the RLlib algorithm, with MLflow logging and checkpoint/resume.
+"""One Tune trial: offline QAM, then optionally online fine-tuning, through the RLlib algorithm, with MLflow
+logging and checkpoint/resume.
 
 The trial's ``spec`` (plain values, built by ``experiments/sweep.py``) names the task, variant, seed, data,
 budget and tracking target.  Progress reaches MLflow only after the checkpoint that covers it is saved, and the
@@ -10,8 +11,11 @@ checkpoint step with every step logged exactly once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+
+from qam_ray.tracking import CHECKPOINT_DIR_TAG
 
 TRIAL_STATE = "trial.json"
 
@@ -30,44 +34,127 @@ def optuna_space(trial, variant: str) -> dict:
 
 def qam_trial(config: dict, base_spec: dict | None = None) -> None:
     """Tune function trainable.  ``config["spec"]`` (grid sweeps) or ``base_spec`` plus top-level search values
-    (Optuna define-by-run) give the trial; top-level values override hyperparameters."""
+    (Optuna define-by-run) give the trial; top-level values override hyperparameters.
+
+    Phases: offline (``steps`` gradient steps, skipped when ``offline_checkpoint`` names a finished one), then
+    online when ``online_steps`` > 0.  One MLflow run covers both on one timeline: step = gradient steps
+    offline, offline steps + env steps online (the paper's curves).
+    """
     import torch
     from ray import tune
 
-    from qam_ray.rllib.algorithm import build_qam_config
     from qam_ray.tracking import MetricBuffer
 
     spec = dict(config.get("spec") or base_spec)
     spec["overrides"] = {**spec["overrides"], **{k: v for k, v in config.items() if k != "spec"}}
     torch.set_num_threads(spec["threads"])
-    iterations_per_eval = spec["eval_every"] // spec["steps_per_iteration"]
-    qam_config = build_qam_config(
-        spec["domain"], spec["task"], spec["variant"], dataset_dir=spec["dataset_dir"], overrides=spec["overrides"],
-        steps_per_iteration=spec["steps_per_iteration"], batch_size=spec["batch_size"],
-        eval_interval=iterations_per_eval, eval_episodes=spec["eval_episodes"], seed=spec["seed"],
-        gpus_per_learner=spec["gpus"],
-    )
-    algo = qam_config.build_algo()
-    state = {"step": 0, "curve": [], "pending": []}
+    online = spec.get("online_steps", 0) > 0
+    state = {"phase": "online" if spec.get("offline_checkpoint") else "offline", "step": 0, "offline_steps": None,
+             "curve": [], "pending": []}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            algo.restore_from_path(os.path.join(directory, "algorithm"))
             with open(os.path.join(directory, TRIAL_STATE)) as f:
                 state = json.load(f)
-    obs_dim, chunk = qam_config.observation_space.shape[0], qam_config.action_space.shape[0]
-    hyperparams = vars(qam_config.qam_hyperparams(obs_dim, chunk // qam_config.horizon_length))
-    run_id = _find_or_create_run(spec, hyperparams, algo.dataset_info)
+            algo = _build_algo(spec, state["phase"], offline_checkpoint=None)
+            algo.restore_from_path(os.path.join(directory, "algorithm"))
+    else:
+        algo = _build_algo(spec, state["phase"], offline_checkpoint=spec.get("offline_checkpoint"))
+    hyperparams = _hyperparams(algo.config)
+    run_id = spec.get("mlflow_run_id") or _find_or_create_run(spec, hyperparams, algo.dataset_info)
+    if spec.get("mlflow_run_id"):  # a continued run: its checkpoints now live with this trial
+        _add_params(spec, run_id, _online_params(spec))
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(spec["tracking"]["uri"]).set_tag(run_id, CHECKPOINT_DIR_TAG, _checkpoint_dir(spec))
     metrics = MetricBuffer(spec["tracking"]["uri"], run_id, state["pending"])
     metrics.flush(skip_logged=True)  # what the restored checkpoint covers but a killed run may not have logged
-    iteration, step = 0, state["step"]
-    while step < spec["steps"]:
+
+    if state["phase"] == "offline":
+        _run_phase(algo, spec, state, metrics, _offline_row, done=lambda step: step >= spec["steps"])
+        if online:
+            with tempfile.TemporaryDirectory() as directory:  # hand the learner state to the online algorithm
+                algo.save_to_path(directory)
+                algo.stop()
+                algo = _build_algo(spec, "online", offline_checkpoint=directory)
+            state["phase"] = "online"
+    if state["phase"] == "online":
+        if state["offline_steps"] is None:  # the learner's gradient steps when the online phase began
+            state["offline_steps"] = call_learner(algo, lambda learner: learner.gradient_steps)
+        offset = state["offline_steps"]
+        _run_phase(algo, spec, state, metrics, lambda result: _online_row(result, offset),
+                   done=lambda step: step - offset >= spec["online_steps"])
+    _finish_run(spec, run_id, hyperparams, state["curve"])
+    algo.stop()
+
+
+def _build_algo(spec: dict, phase: str, offline_checkpoint: str | None):
+    from qam_ray.rllib.algorithm import build_qam_config
+
+    config = build_qam_config(
+        spec["domain"], spec["task"], spec["variant"], dataset_dir=spec["dataset_dir"], overrides=spec["overrides"],
+        steps_per_iteration=spec["steps_per_iteration"], batch_size=spec["batch_size"],
+        eval_interval=spec["eval_every"] // spec["steps_per_iteration"], eval_episodes=spec["eval_episodes"],
+        seed=spec["seed"], gpus_per_learner=spec["gpus"],
+    )
+    if phase == "online":
+        config = (config.online(spec["online_steps"], utd_ratio=spec["utd_ratio"], start_training=spec["start_training"],
+                                eval_every=spec["online_eval_every"], offline_checkpoint=offline_checkpoint)
+                  .env_runners(num_env_runners=spec["env_runners"], num_envs_per_env_runner=spec["envs_per_env_runner"],
+                               num_cpus_per_env_runner=spec["cpus_per_env_runner"],
+                               rollout_fragment_length=spec["rollout_fragment_length"]))
+    return config.build_algo()
+
+
+def call_learner(algo, func):
+    """``func(learner)`` on the first learner (every learner holds the same state)."""
+    from qam_ray.rllib.algorithm import call_values
+
+    return call_values(algo.learner_group.foreach_learner(func))[0]
+
+
+def _hyperparams(config) -> dict:
+    obs_dim, chunk = config.observation_space.shape[0], config.action_space.shape[0]
+    return vars(config.qam_hyperparams(obs_dim, chunk // config.horizon_length))
+
+
+def _offline_row(result: dict) -> tuple[int, dict, dict]:
+    """(step, metrics to log, Tune report) of an offline iteration."""
+    step = int(result["num_gradient_steps_lifetime"])
+    learner = dict(result["learners"]["default_policy"])
+    logged = {"perf/updates_per_s": learner.pop("updates_per_s"), **{f"train/{k}": v for k, v in learner.items()}}
+    return step, logged, {"step": step, "total_loss": learner["total_loss"]}
+
+
+def _online_row(result: dict, offline_steps: int) -> tuple[int, dict, dict]:
+    """(step, metrics, report) of an online iteration; step = offline gradient steps + env steps."""
+    online = result["online"]
+    step = offline_steps + int(online["env_steps"])
+    logged = {f"online/{k}": online[k] for k in ("env_steps", "buffer_size", "gradient_steps")}
+    logged.update({f"perf/{k}": online[k] for k in ("env_steps_per_s", "sample_s", "update_s")})
+    report = {"step": step, "env_steps": int(online["env_steps"])}
+    if online["updates"]:
+        learner = result["learners"]["default_policy"]
+        logged["perf/updates_per_s"] = online["updates_per_s"]
+        logged.update({f"train/{k}": v for k, v in learner.items()})
+        report["total_loss"] = learner["total_loss"]
+    runners = result.get("env_runners", {})
+    if math.isfinite(runners.get("success_rate", math.nan)):  # NaN in iterations where no episode ended
+        logged["online/episode_success"] = runners["success_rate"]
+        logged["online/episode_length"] = runners["episode_env_steps"]
+    return step, logged, report
+
+
+def _run_phase(algo, spec: dict, state: dict, metrics, row, done) -> None:
+    """Train until ``done(step)``; log each iteration, evaluate on the algorithm's schedule, checkpoint every
+    ``checkpoint_every`` iterations and at the end, flushing metrics only once a checkpoint covers them."""
+    from ray import tune
+
+    iteration = 0
+    while not done(state["step"]):
         result = algo.train()
         iteration += 1
-        step = int(result["num_gradient_steps_lifetime"])
-        learner = dict(result["learners"]["default_policy"])
-        logged = {"perf/updates_per_s": learner.pop("updates_per_s"), **{f"train/{k}": v for k, v in learner.items()}}
-        report = {"step": step, "total_loss": learner["total_loss"]}
+        step, logged, report = row(result)
         if "evaluation" in result:
             runners = result["evaluation"]["env_runners"]
             logged["eval/success_rate"] = report["success_rate"] = float(runners["success_rate"])
@@ -75,7 +162,7 @@ def qam_trial(config: dict, base_spec: dict | None = None) -> None:
             state["curve"].append([step, report["success_rate"]])
         metrics.add(logged, step)
         state["step"] = step
-        if step >= spec["steps"] or iteration % spec["checkpoint_every"] == 0:
+        if done(step) or iteration % spec["checkpoint_every"] == 0:
             state["pending"] = metrics.pending
             with tempfile.TemporaryDirectory() as directory:
                 algo.save_to_path(os.path.join(directory, "algorithm"))
@@ -85,8 +172,26 @@ def qam_trial(config: dict, base_spec: dict | None = None) -> None:
             metrics.flush()  # only now is this progress safe from a restart
         else:
             tune.report(report)
-    _finish_run(spec, run_id, hyperparams, state["curve"])
-    algo.stop()
+
+
+ONLINE_PARAMS = ("online_steps", "utd_ratio", "start_training", "online_eval_every", "env_runners",
+                 "envs_per_env_runner", "rollout_fragment_length")
+
+
+def _online_params(spec: dict) -> dict:
+    return {k: spec[k] for k in ONLINE_PARAMS} if spec.get("online_steps", 0) > 0 else {}
+
+
+def _add_params(spec: dict, run_id: str, params: dict) -> None:
+    """Log the params a continued run does not have yet (MLflow params are write-once)."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(spec["tracking"]["uri"])
+    existing = client.get_run(run_id).data.params
+    new = [Param(k, str(v)) for k, v in sorted(params.items()) if k not in existing]
+    if new:
+        client.log_batch(run_id, params=new)
 
 
 def _run_tags(spec: dict, dataset_info: dict) -> dict[str, str]:
@@ -98,7 +203,16 @@ def _run_tags(spec: dict, dataset_info: dict) -> dict[str, str]:
         "dataset_source": dataset_info["dataset_source"], "dataset_sha256": dataset_info["dataset_sha256"],
         "sweep": spec["tracking"]["sweep"], "git_commit": spec["git_commit"],
         "tune_trial_id": tune.get_context().get_trial_id(), "tune_trial_dir": tune.get_context().get_trial_dir(),
+        CHECKPOINT_DIR_TAG: _checkpoint_dir(spec),
     }
+
+
+def _checkpoint_dir(spec: dict) -> str:
+    """Where Tune persists this trial's checkpoints: <storage>/<sweep>/<trial folder> (same folder name as the
+    local trial dir)."""
+    from ray import tune
+
+    return os.path.join(spec["results_dir"], os.path.basename(tune.get_context().get_trial_dir()))
 
 
 def _find_or_create_run(spec: dict, hyperparams: dict, dataset_info: dict) -> str:
@@ -117,8 +231,9 @@ def _find_or_create_run(spec: dict, hyperparams: dict, dataset_info: dict) -> st
     )
     if found:
         return found[0].info.run_id
-    params = {**hyperparams, **{k: spec[k] for k in ("steps", "steps_per_iteration", "batch_size", "eval_every",
-                                                     "eval_episodes", "seed", "variant", "gpus", "threads")}}
+    params = {**hyperparams, **_online_params(spec),
+              **{k: spec[k] for k in ("steps", "steps_per_iteration", "batch_size", "eval_every", "eval_episodes",
+                                      "seed", "variant", "gpus", "threads")}}
     name = f"{spec['variant']}-{spec['domain']}-task{spec['task']}-seed{spec['seed']}"
     return trial_run(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"], name,
                      _run_tags(spec, dataset_info), params)
@@ -131,12 +246,12 @@ def _finish_run(spec: dict, run_id: str, hyperparams: dict, curve: list) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from mlflow.tracking import MlflowClient
-    from ray import tune
 
     client = MlflowClient(spec["tracking"]["uri"])
     client.log_dict(run_id, {"spec": spec, "hyperparams": hyperparams}, "config/resolved_config.json")
-    client.log_dict(run_id, {"tune_trial_dir": tune.get_context().get_trial_dir(),
-                             "note": "the latest checkpoint_* folder holds algorithm/ (QAM.from_checkpoint)"},
+    client.log_dict(run_id, {"checkpoint_dir": _checkpoint_dir(spec),
+                             "note": "its latest checkpoint_* folder holds algorithm/ (QAM.from_checkpoint; "
+                                     "experiments/finetune.py --mlflow-run <run id>)"},
                     "checkpoint_reference.json")
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "learning_curve.png")
@@ -145,7 +260,8 @@ def _finish_run(spec: dict, run_id: str, hyperparams: dict, curve: list) -> None
             steps, success = zip(*curve)
             ax.plot(steps, [100 * s for s in success], marker="o")
         ax.set(title=f"{spec['variant']} {spec['domain']} task {spec['task']} seed {spec['seed']}",
-               xlabel="gradient steps", ylabel="success rate (%)", ylim=(-2, 102))
+               xlabel="gradient steps" + (" + online env steps" if spec.get("online_steps") else ""),
+               ylabel="success rate (%)", ylim=(-2, 102))
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -14,6 +14,7 @@ import time
 
 DEFAULT_EXPERIMENT = "qam_ray"
 ROLE_TAG = "qam_ray.role"  # "sweep" on parent runs, "trial" on child runs
+CHECKPOINT_DIR_TAG = "checkpoint_dir"  # on trial runs: the folder of the trial's Tune checkpoints
 
 
 def default_tracking_uri(base_dir: str) -> str:
@@ -107,3 +108,40 @@ def git_commit(path: str) -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def run_checkpoint(tracking_uri: str, run_id: str) -> tuple[str, dict]:
+    """The latest algorithm checkpoint of a sweep trial's run and the trial's resolved spec.
+
+    Raises ValueError naming what is missing: the run, its ``checkpoint_dir`` tag (set by sweep trials), a
+    ``checkpoint_*/algorithm`` folder there, or the ``config/resolved_config.json`` artifact of a finished trial.
+    """
+    import json
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"MLflow run {run_id!r} not found in {tracking_uri}; check --tracking-uri") from None
+    folder = run.data.tags.get(CHECKPOINT_DIR_TAG)
+    if not folder:
+        raise ValueError(f"run {run_id} has no checkpoint_dir tag (it is not a sweep trial): pass --checkpoint PATH")
+    checkpoints = sorted(d for d in os.listdir(folder) if d.startswith("checkpoint_")) if os.path.isdir(folder) else []
+    checkpoints = [os.path.join(folder, d, "algorithm") for d in checkpoints
+                   if os.path.isdir(os.path.join(folder, d, "algorithm"))]
+    if not checkpoints:
+        raise ValueError(f"no checkpoint_*/algorithm folder in {folder} (run {run_id}); was the storage path moved? "
+                         "pass --checkpoint PATH")
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            path = client.download_artifacts(run_id, "config/resolved_config.json", directory)
+        except (MlflowException, OSError):
+            raise ValueError(f"run {run_id} has no config/resolved_config.json: only finished trials can be "
+                             "continued by run id; pass --checkpoint PATH and the task flags instead") from None
+        with open(path) as f:
+            spec = json.load(f)["spec"]
+    return checkpoints[-1], spec

@@ -224,6 +224,11 @@ class QAM(Algorithm):
         self._evaluate_after_step = False
         if cfg._is_online and cfg.offline_checkpoint:
             self.learner_group.restore_from_path(os.path.join(cfg.offline_checkpoint, "learner_group"))
+            held = call_values(self.learner_group.foreach_learner(lambda learner: learner.online_transitions))[0]
+            if held:
+                raise ValueError(
+                    f"offline_checkpoint={cfg.offline_checkpoint!r} already holds {held} online transitions: it was "
+                    "saved in an online phase. Resume it with algo.restore_from_path() (sweeps: --resume) instead.")
             self._sync_env_runners()
 
     def _sync_env_runners(self) -> None:

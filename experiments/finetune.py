@@ -1,0 +1,110 @@
+"""Offline-to-online fine-tuning of QAM on OGBench: one Tune trial with EnvRunner rollouts, logged to MLflow.
+
+    python experiments/finetune.py --preset smoke                  # tiny offline + online run on generated data (CI)
+    python experiments/finetune.py --preset paper --env cube-double-play-singletask-task2-v0 --variant QAM-E \
+        --dataset-dir /data/ogbench                               # 1M offline steps, then 500K online env steps
+    python experiments/finetune.py --mlflow-run RUN_ID             # online phase of a finished sweep trial,
+                                                                  # continuing its MLflow run on the same timeline
+    python experiments/finetune.py --checkpoint runs/demo/checkpoint --env cube-single-play-singletask-task2-v0 \
+        --dataset-dir data/generated --online-steps 50000          # from any algorithm checkpoint (train.py --out)
+
+The run is a one-trial sweep (``experiments/sweep.py`` presets ``smoke-online`` / ``paper-online``), so it has the
+sweep's checkpoints, retries, ``--resume`` and MLflow layout; every other flag is passed on to sweep.py
+(``--online-steps``, ``--utd-ratio``, ``--start-training``, ``--online-eval-every``, ``--env-runners``,
+``--envs-per-env-runner``, ``--rollout-fragment-length``, ``--tracking-uri``, ``--storage-path``, ``--name``,
+``--set key=value``, ...).  Step on the MLflow timeline: gradient steps offline, offline steps + env steps online.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+try:
+    import qam_ray  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qam_ray.domains import VARIANTS, parse_singletask_name
+
+SWEEP_PRESETS = {"smoke": "smoke-online", "paper": "paper-online"}
+
+
+def load_sweep():
+    """experiments/sweep.py as a module (this script's sibling, not part of the package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep.py")
+    spec = importlib.util.spec_from_file_location("qam_sweep_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(SWEEP_PRESETS), default="paper",
+                   help="budget: smoke (seconds, CI) or paper (QAM_SPEC §9)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--mlflow-run", help="start from this sweep trial's latest checkpoint and continue its run")
+    source.add_argument("--checkpoint", help="start from this algorithm checkpoint (a save_to_path folder)")
+    p.add_argument("--env", help="singletask name, e.g. cube-double-play-singletask-task2-v0 (smoke default: "
+                                 "cube-single-play-singletask-task2-v0)")
+    p.add_argument("--variant", choices=VARIANTS, help="default QAM")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///<abs>/mlflow.db")
+    args, passthrough = p.parse_known_args(argv)
+    if args.mlflow_run and (args.env or args.variant or args.seed is not None):
+        p.error("--mlflow-run takes the task, variant, seed and hyperparameters from the run; drop --env/--variant/--seed")
+    if args.checkpoint and not args.env:
+        p.error("--checkpoint needs --env (and --variant if not QAM) to build the matching algorithm")
+    return p, args, passthrough
+
+
+def sweep_argv(args, passthrough: list[str]) -> list[str]:
+    """The one-trial sweep.py command line for these arguments."""
+    argv = ["--preset", SWEEP_PRESETS[args.preset]]
+    if args.tracking_uri:
+        argv += ["--tracking-uri", args.tracking_uri]
+    if args.mlflow_run:
+        from qam_ray.tracking import default_tracking_uri, run_checkpoint
+
+        checkpoint, spec = run_checkpoint(args.tracking_uri or default_tracking_uri(os.getcwd()), args.mlflow_run)
+        if spec.get("online_steps"):
+            raise ValueError(f"run {args.mlflow_run} already has an online phase ({spec['online_steps']} env steps); "
+                             "to finish an interrupted one, rerun its sweep with --resume")
+        argv += ["--domains", spec["domain"], "--tasks", str(spec["task"]), "--variants", spec["variant"],
+                 "--seeds", str(spec["seed"]), "--offline-checkpoint", checkpoint, "--continue-run", args.mlflow_run,
+                 "--eval-episodes", str(spec["eval_episodes"]), "--batch-size", str(spec["batch_size"])]
+        if spec["dataset_dir"]:
+            argv += ["--dataset-dir", spec["dataset_dir"]]
+        for key, value in spec["overrides"].items():
+            argv += ["--set", f"{key}={value!r}"]
+        name = f"finetune-{args.mlflow_run[:8]}"
+    else:
+        env = args.env or "cube-single-play-singletask-task2-v0"
+        parsed = parse_singletask_name(env)
+        variant, seed = args.variant or "QAM", 0 if args.seed is None else args.seed
+        argv += ["--domains", parsed.domain_name, "--tasks", str(parsed.task), "--variants", variant,
+                 "--seeds", str(seed)]
+        if args.checkpoint:
+            argv += ["--offline-checkpoint", args.checkpoint]
+        name = f"finetune-{args.preset}-{parsed.domain_name}-task{parsed.task}-{variant}-seed{seed}"
+    if "--name" not in passthrough:
+        argv += ["--name", name]
+    return argv + passthrough
+
+
+def main(argv=None) -> int:
+    parser, args, passthrough = parse_args(argv)
+    try:
+        command = sweep_argv(args, passthrough)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print("sweep.py " + " ".join(command))
+    return load_sweep().main(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
