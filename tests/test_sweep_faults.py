@@ -34,7 +34,7 @@ def trial_workers(parent: psutil.Process) -> list[psutil.Process]:
     return workers
 
 
-def logged_steps(uri: str) -> dict[str, list[int]]:
+def logged_steps(uri: str, metric: str = "train/total_loss") -> dict[str, list[int]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -42,18 +42,19 @@ def logged_steps(uri: str) -> dict[str, list[int]]:
     if experiment is None:
         return {}
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.`qam_ray.role` = 'trial'")
-    return {r.info.run_id: [m.step for m in client.get_metric_history(r.info.run_id, "train/total_loss")]
-            for r in runs}
+    return {r.info.run_id: [m.step for m in client.get_metric_history(r.info.run_id, metric)] for r in runs}
 
 
-def test_killed_trial_resumes_from_checkpoint_with_intact_history(tiny_dataset_dir, tmp_path):
+def sweep_killed_once(tmp_path, preset_args: list[str], metric: str, kill_after: int) -> tuple[list[int], int]:
+    """Run a one-trial sweep in a subprocess, SIGKILL its trial worker once ``metric`` has been logged at a step
+    >= ``kill_after`` (so a checkpoint exists), let Tune retry it; returns the metric's logged steps and the
+    step at the kill."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     ray_tmp = tempfile.mkdtemp(prefix="qf", dir="/tmp")  # this sweep's own Ray temp dir (short: socket paths)
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    argv = [sys.executable, str(ROOT / "experiments" / "sweep.py"), "--preset", "smoke", "--seeds", "0",
-            "--steps", str(STEPS), "--eval-every", str(STEPS), "--dataset-dir", tiny_dataset_dir,
+    argv = [sys.executable, str(ROOT / "experiments" / "sweep.py"), *preset_args, "--seeds", "0",
             "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri, "--name", "fault-test"]
     ensure_experiment(uri)  # create the store once, so polling it cannot race the sweep's own schema migration
     log = open(tmp_path / "sweep.log", "w")
@@ -63,9 +64,9 @@ def test_killed_trial_resumes_from_checkpoint_with_intact_history(tiny_dataset_d
     try:
         deadline = time.time() + 240
         while killed_at is None and time.time() < deadline and sweep.poll() is None:
-            steps = logged_steps(uri)
+            steps = logged_steps(uri, metric)
             workers = trial_workers(psutil.Process(sweep.pid))
-            if steps and max(map(max, filter(None, steps.values())), default=0) >= 3 * PER_ITERATION and workers:
+            if steps and max(map(max, filter(None, steps.values())), default=0) >= kill_after and workers:
                 killed_at = max(map(max, steps.values()))
                 for worker in workers:
                     worker.send_signal(signal.SIGKILL)
@@ -76,11 +77,29 @@ def test_killed_trial_resumes_from_checkpoint_with_intact_history(tiny_dataset_d
         if sweep.poll() is None:  # stop exactly the process group this test started (its Ray included)
             os.killpg(sweep.pid, signal.SIGKILL)
         log.close()
-    history = logged_steps(uri)
+    history = logged_steps(uri, metric)
     assert len(history) == 1, history  # the restarted trial kept its run: no duplicate run
+    # Tune recorded the kill as a trial failure and retried it (FailureConfig).
+    assert list((tmp_path / "results").rglob("error.txt")), "no trial failure recorded"
     (steps,) = history.values()
+    return steps, killed_at
+
+
+def test_killed_trial_resumes_from_checkpoint_with_intact_history(tiny_dataset_dir, tmp_path):
+    steps, killed_at = sweep_killed_once(
+        tmp_path, ["--preset", "smoke", "--steps", str(STEPS), "--eval-every", str(STEPS),
+                   "--dataset-dir", tiny_dataset_dir], "train/total_loss", kill_after=3 * PER_ITERATION)
     expected = list(range(PER_ITERATION, STEPS + 1, PER_ITERATION))
     assert steps == expected, f"killed after step {killed_at}; logged {steps}"  # complete, in order, no repeats
     assert killed_at < STEPS
-    # Tune recorded the kill as a trial failure and retried it (FailureConfig).
-    assert list((tmp_path / "results").rglob("error.txt")), "no trial failure recorded"
+
+
+def test_trial_killed_in_the_online_phase_resumes_there(tiny_dataset_dir, tmp_path):
+    """The online checkpoint carries the online transitions; the restarted trial continues the online phase."""
+    online_steps, per_iteration = 400, 50  # smoke-online: 2 EnvRunners × 5 chunks × 5 env steps
+    steps, killed_at = sweep_killed_once(
+        tmp_path, ["--preset", "smoke-online", "--online-steps", str(online_steps), "--online-eval-every",
+                   str(online_steps), "--dataset-dir", tiny_dataset_dir], "online/env_steps", kill_after=8 + 100)
+    expected = list(range(8 + per_iteration, 8 + online_steps + 1, per_iteration))  # offline 8 steps, then env
+    assert steps == expected, f"killed after step {killed_at}; logged {steps}"
+    assert killed_at < 8 + online_steps
