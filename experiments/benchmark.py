@@ -1,23 +1,33 @@
-"""Time QAM updates per second and record them as JSON.
+"""Time QAM updates per second, or the online phase's env steps and updates per second, and record them as JSON.
 
     python experiments/benchmark.py --size full --steps 20 --json results/benchmark_cpu.json
+    python experiments/benchmark.py --online --runners 1 2 4 --iterations 10 --json results/benchmark_online_cpu.json
 
 ``full`` is the paper's size (4×512 MLPs, E=10 critics, K=10 flow steps, batch 256, chunk 5, obs 40,
 action 5); ``small`` is a quick configuration.  Each record is
 ``{name, size, device, updates_per_s, seconds_per_update, steps, ...}``; records already in the file with
 the same (name, size, device) are replaced, others are kept, so one file collects every benchmark.
 Compare ratios only between records of one run on one machine.
+
+``--online`` starts every runner count's online phase from one small offline checkpoint (UTD ``--utd`` from the
+first iteration, no evaluation) and records ``online_runners{n}``: the medians over ``--iterations`` of the
+sampling throughput (env steps per second of sampling), updates per second of updating, env steps per wall-second
+of a whole ``train()`` (sampling, updates, weight sync, bookkeeping) and the fractions of an iteration spent
+sampling and updating.  Each EnvRunner asks Ray for one logical CPU, so Ray gets ``sum(runners) + 1`` logical
+CPUs whatever the machine has: the records say how many physical CPUs there were.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 try:
@@ -75,17 +85,21 @@ def prepare_plain(size: str, steps: int, device: torch.device, dataset_dir: str,
     return timed, lambda: None
 
 
+def bench_config(size: str, dataset_dir: str, steps: int):
+    """QAM on the benchmark dataset at ``size``, ``steps`` gradient steps per offline iteration."""
+    from qam_ray.rllib.algorithm import QAMConfig
+
+    return (QAMConfig().ogbench(BENCH_DOMAIN, task=BENCH_TASK, dataset_dir=dataset_dir)
+            .training(**size_overrides(size), num_steps_per_iteration=steps,
+                      train_batch_size_per_learner=SIZES[size]["batch"]))
+
+
 def prepare_rllib(num_learners: int):
     """``Algorithm.train()`` with ``steps`` gradient steps per iteration, on a local or a remote learner."""
 
     def prepare(size: str, steps: int, device: torch.device, dataset_dir: str, threads: int):
-        from qam_ray.rllib.algorithm import QAMConfig
-
-        config = (QAMConfig().ogbench(BENCH_DOMAIN, task=BENCH_TASK, dataset_dir=dataset_dir)
-                  .training(**size_overrides(size), num_steps_per_iteration=steps,
-                            train_batch_size_per_learner=SIZES[size]["batch"])
-                  .learners(num_learners=num_learners, num_cpus_per_learner=threads,
-                            num_gpus_per_learner=1 if device.type == "cuda" else 0))
+        config = bench_config(size, dataset_dir, steps).learners(
+            num_learners=num_learners, num_cpus_per_learner=threads, num_gpus_per_learner=1 if device.type == "cuda" else 0)
         algo = config.build_algo()
         algo.learner_group.foreach_learner(lambda learner: learner.run_steps(WARMUP_STEPS, SIZES[size]["batch"]))
 
@@ -99,8 +113,51 @@ def prepare_rllib(num_learners: int):
     return prepare
 
 
+def write_offline_checkpoint(size: str, dataset_dir: str, path: str) -> str:
+    """One offline iteration of one gradient step, saved with ``save_to_path``: where every online run starts."""
+    algo = bench_config(size, dataset_dir, 1).build_algo()
+    try:
+        algo.train()
+        algo.save_to_path(path)
+    finally:
+        algo.stop()
+    return path
+
+
+def prepare_online(runners: int, size: str, device: torch.device, dataset_dir: str, checkpoint: str,
+                   iterations: int, fragment: int, utd: float):
+    """The online phase on ``runners`` EnvRunners after one warm-up iteration; ``timed()`` runs one ``train()``."""
+    config = bench_config(size, dataset_dir, 1).learners(num_gpus_per_learner=1 if device.type == "cuda" else 0)
+    per_iteration = runners * fragment * config.horizon_length  # env steps (fewer if an episode ends mid-chunk)
+    # The phase never ends (its end would evaluate) and never reaches an evaluation.
+    config = (config.online((iterations + 2) * per_iteration + 1, utd_ratio=utd, start_training=0,
+                            eval_every=10**9, offline_checkpoint=checkpoint)
+              .env_runners(num_env_runners=runners, num_envs_per_env_runner=1, num_cpus_per_env_runner=1,
+                           rollout_fragment_length=fragment))
+    algo = config.build_algo()
+    last = [algo.train()["online"]["env_steps"]]  # warm-up: first rollouts, first updates and weight sync
+
+    def timed() -> dict:
+        start = time.perf_counter()
+        online = algo.train()["online"]
+        elapsed = time.perf_counter() - start
+        env_steps, last[0] = online["env_steps"] - last[0], online["env_steps"]
+        return {"iteration_s": elapsed, "env_steps": env_steps, "updates": online["updates"],
+                "sample_s": online["sample_s"], "update_s": online["update_s"]}
+
+    return timed, algo.stop
+
+
 def rates(steps: int, elapsed: float) -> dict:
     return {"updates_per_s": steps / elapsed, "seconds_per_update": elapsed / steps}
+
+
+def online_rates(it: dict) -> dict:
+    """One online iteration's throughputs: sampling and updating apart, and the whole ``train()``."""
+    return {"env_steps_per_s": it["env_steps"] / it["sample_s"], "updates_per_s": it["updates"] / it["update_s"],
+            "wall_env_steps_per_s": it["env_steps"] / it["iteration_s"],
+            "sample_fraction": it["sample_s"] / it["iteration_s"], "update_fraction": it["update_s"] / it["iteration_s"],
+            "env_steps_per_iteration": it["env_steps"], "iteration_s": it["iteration_s"]}
 
 
 def synchronize(device: torch.device) -> None:
@@ -126,6 +183,19 @@ def cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
+@contextlib.contextmanager
+def local_ray(num_cpus: int):
+    """A private local Ray (own short temp dir, never an existing cluster), shut down on exit."""
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="qb", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def write_records(path: str, records: list[dict]) -> None:
     existing = []
     if os.path.exists(path):
@@ -143,12 +213,80 @@ BENCHMARKS = {"plain": prepare_plain, "rllib_local": prepare_rllib(0), "rllib_re
 RAY_BENCHMARKS = ("rllib_local", "rllib_remote")
 
 
+def update_benchmarks(args, device: torch.device, dataset_dir: str, common: dict) -> list[dict]:
+    uses_ray = any(name in RAY_BENCHMARKS for name in args.only)
+    with local_ray(max(2, torch.get_num_threads())) if uses_ray else contextlib.nullcontext():
+        # All benchmarks are built first, then timed in turns, so slow drifts of a shared machine hit each alike;
+        # the median over the repeats is recorded.
+        prepared = {name: BENCHMARKS[name](args.size, args.steps, device, dataset_dir, torch.get_num_threads())
+                    for name in args.only}
+        times = {name: [] for name in args.only}
+        for _ in range(args.repeats):
+            for name, (timed, _) in prepared.items():
+                times[name].append(timed())
+        for _, close in prepared.values():
+            close()
+    records = []
+    for name in prepared:
+        elapsed = statistics.median(times[name])
+        result = rates(args.steps, elapsed)
+        records.append({"name": name, **result, "repeats": args.repeats,
+                        "seconds_per_update_all": [round(t / args.steps, 5) for t in times[name]],
+                        "steps": args.steps, **common})
+        print(f"{name:>14} {args.size:>5} {device.type}: {result['updates_per_s']:8.2f} updates/s "
+              f"({result['seconds_per_update'] * 1e3:.1f} ms/update, median of {args.repeats})")
+    # Ratios only within this run: same machine, same moment.
+    plain = next((r for r in records if r["name"] == "plain"), None)
+    for record in records:
+        if plain is not None and record is not plain:
+            record["ratio_to_plain"] = record["updates_per_s"] / plain["updates_per_s"]
+            print(f"{record['name']:>14} / plain = {record['ratio_to_plain']:.3f}")
+    return records
+
+
+def online_benchmarks(args, device: torch.device, dataset_dir: str, common: dict) -> list[dict]:
+    ray_cpus = sum(args.runners) + 1  # one logical CPU per EnvRunner, all built at once; the driver's learner
+    with local_ray(ray_cpus), tempfile.TemporaryDirectory(prefix="qam_bench_") as tmp:
+        checkpoint = write_offline_checkpoint(args.size, dataset_dir, os.path.join(tmp, "offline"))
+        # Built first, then timed in turns (as above); the median over the iterations is recorded.
+        prepared = {n: prepare_online(n, args.size, device, dataset_dir, checkpoint, args.iterations, args.fragment,
+                                      args.utd) for n in args.runners}
+        times = {n: [] for n in args.runners}
+        for _ in range(args.iterations):
+            for n, (timed, _) in prepared.items():
+                times[n].append(timed())
+        for _, close in prepared.values():
+            close()
+    print(f"{'runners':>7} {'env steps/s (sampling)':>22} {'updates/s':>9} {'env steps/s (wall)':>18} "
+          f"{'sample %':>8} {'update %':>8}")
+    records = []
+    for n, its in times.items():
+        per_iteration = [online_rates(it) for it in its]
+        result = {key: statistics.median(r[key] for r in per_iteration) for key in per_iteration[0]}
+        records.append({"name": f"online_runners{n}", **result, "runners": n, "fragment": args.fragment,
+                        "utd": args.utd, "iterations": args.iterations, "envs_per_runner": 1,
+                        "ray_logical_cpus": ray_cpus, "logical_cpus_per_runner": 1,
+                        "physical_cpus": os.cpu_count(), "oversubscribed": n > (os.cpu_count() or 1),
+                        "iterations_all": [{k: round(v, 4) for k, v in it.items()} for it in its], **common})
+        print(f"{n:>7} {result['env_steps_per_s']:>22.1f} {result['updates_per_s']:>9.1f} "
+              f"{result['wall_env_steps_per_s']:>18.1f} {result['sample_fraction']:>8.0%} {result['update_fraction']:>8.0%}")
+    print(f"(size {args.size}, {device.type}, UTD {args.utd}, {args.fragment} chunks per runner and iteration, "
+          f"median of {args.iterations}; Ray: {ray_cpus} logical CPUs on {os.cpu_count()} physical)")
+    return records
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--steps", type=int, default=20, help="timed updates per repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per benchmark, interleaved; median kept")
     p.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    p.add_argument("--online", action="store_true", help="time the online phase on EnvRunners instead")
+    p.add_argument("--runners", type=int, nargs="+", default=[1, 2, 4], help="online: EnvRunner counts")
+    p.add_argument("--iterations", type=int, default=10, help="online: timed iterations per runner count after "
+                   "one warm-up, interleaved; median kept")
+    p.add_argument("--fragment", type=int, default=10, help="online: chunks per EnvRunner and iteration")
+    p.add_argument("--utd", type=float, default=1.0, help="online: gradient steps per env step")
     p.add_argument("--dataset-dir", default="data/bench", help="where the small generated benchmark dataset lives")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or all)")
@@ -158,39 +296,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads or int(os.environ["OMP_NUM_THREADS"]))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    common = {"size": args.size, "device": device.type, "steps": args.steps, "batch_size": SIZES[args.size]["batch"],
+    common = {"size": args.size, "device": device.type, "batch_size": SIZES[args.size]["batch"],
               "dataset": BENCH_ENV + " (generated)",
               "git_commit": git_commit(os.path.dirname(os.path.abspath(__file__))), "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               **machine_info(device)}
     dataset_dir = ensure_dataset(os.path.abspath(args.dataset_dir))
-    if any(name in RAY_BENCHMARKS for name in args.only):
-        import ray
-
-        ray.init(address="local", num_cpus=max(2, torch.get_num_threads()), include_dashboard=False,
-                 log_to_driver=False)
-    # All benchmarks are built first, then timed in turns, so slow drifts of a shared machine hit each alike;
-    # the median over the repeats is recorded.
-    prepared = {name: BENCHMARKS[name](args.size, args.steps, device, dataset_dir, torch.get_num_threads())
-                for name in args.only}
-    times = {name: [] for name in args.only}
-    for _ in range(args.repeats):
-        for name, (timed, _) in prepared.items():
-            times[name].append(timed())
-    records = []
-    for name, (_, close) in prepared.items():
-        close()
-        elapsed = statistics.median(times[name])
-        result = rates(args.steps, elapsed)
-        records.append({"name": name, **result, "repeats": args.repeats,
-                        "seconds_per_update_all": [round(t / args.steps, 5) for t in times[name]], **common})
-        print(f"{name:>14} {args.size:>5} {device.type}: {result['updates_per_s']:8.2f} updates/s "
-              f"({result['seconds_per_update'] * 1e3:.1f} ms/update, median of {args.repeats})")
-    # Ratios only within this run: same machine, same moment.
-    plain = next((r for r in records if r["name"] == "plain"), None)
-    for record in records:
-        if plain is not None and record is not plain:
-            record["ratio_to_plain"] = record["updates_per_s"] / plain["updates_per_s"]
-            print(f"{record['name']:>14} / plain = {record['ratio_to_plain']:.3f}")
+    records = (online_benchmarks if args.online else update_benchmarks)(args, device, dataset_dir, common)
     if args.json:
         write_records(args.json, records)
     return 0
