@@ -10,7 +10,7 @@ the same (name, size, device) are replaced, others are kept, so one file collect
 Compare ratios only between records of one run on one machine.
 
 ``--online`` starts every runner count's online phase from one small offline checkpoint (UTD ``--utd`` from the
-first iteration, no evaluation) and records ``online_runners{n}``: the medians over ``--iterations`` of the
+first iteration, no evaluation) and records ``online_runners{n}_utd{u}``: the medians over ``--iterations`` of the
 sampling throughput (env steps per second of sampling), updates per second of updating, env steps per wall-second
 of a whole ``train()`` (sampling, updates, weight sync, bookkeeping) and the fractions of an iteration spent
 sampling and updating.  Each EnvRunner asks Ray for one logical CPU, so Ray gets ``sum(runners) + 1`` logical
@@ -263,7 +263,7 @@ def online_benchmarks(args, device: torch.device, dataset_dir: str, common: dict
     for n, its in times.items():
         per_iteration = [online_rates(it) for it in its]
         result = {key: statistics.median(r[key] for r in per_iteration) for key in per_iteration[0]}
-        records.append({"name": f"online_runners{n}", **result, "runners": n, "fragment": args.fragment,
+        records.append({"name": f"online_runners{n}_utd{args.utd:g}", **result, "runners": n, "fragment": args.fragment,
                         "utd": args.utd, "iterations": args.iterations, "envs_per_runner": 1,
                         "ray_logical_cpus": ray_cpus, "logical_cpus_per_runner": 1,
                         "physical_cpus": os.cpu_count(), "oversubscribed": n > (os.cpu_count() or 1),
