@@ -68,8 +68,9 @@ def test_online_config_validation_names_the_problem(tmp_path):
     assert "online_steps=0" in message and "utd_ratio=0" in message and "no learner_group/ folder" in message
 
 
-def offline_checkpoint(dataset_dir, path, domain="cube-single-play"):
-    algo = QAMConfig().ogbench(domain, task=2, dataset_dir=dataset_dir).training(**TINY).debugging(seed=3).build_algo()
+def offline_checkpoint(dataset_dir, path, domain="cube-single-play", **variant):
+    algo = (QAMConfig().ogbench(domain, task=2, dataset_dir=dataset_dir).training(**TINY, **variant).debugging(seed=3)
+            .build_algo())
     try:
         algo.train()
         algo.save_to_path(str(path))
@@ -78,9 +79,10 @@ def offline_checkpoint(dataset_dir, path, domain="cube-single-play"):
         algo.stop()
 
 
-def online_config(dataset_dir, checkpoint, domain="cube-single-play", runners=2, online_steps=500):
-    return (QAMConfig().ogbench(domain, task=2, dataset_dir=dataset_dir).training(**TINY).debugging(seed=3)
-            .online(online_steps, start_training=PER_ITERATION, eval_every=250, offline_checkpoint=checkpoint)
+def online_config(dataset_dir, checkpoint, domain="cube-single-play", runners=2, online_steps=500,
+                  start_training=PER_ITERATION, **variant):
+    return (QAMConfig().ogbench(domain, task=2, dataset_dir=dataset_dir).training(**TINY, **variant).debugging(seed=3)
+            .online(online_steps, start_training=start_training, eval_every=250, offline_checkpoint=checkpoint)
             .env_runners(num_env_runners=runners, num_cpus_per_env_runner=0.5, rollout_fragment_length=FRAGMENT)
             .evaluation(evaluation_duration=2))
 
@@ -192,3 +194,23 @@ def test_sparse_domain_stores_online_rewards_like_its_dataset(local_ray, tiny_pu
     # puzzle-3x3's raw reward is -(unsolved buttons) in -9..0; sparse domains store -1 until full success
     assert set(np.unique(rows["rewards"])) <= {-1.0, 0.0}
     np.testing.assert_array_equal(rows["observations"][1:], rows["next_observations"][:-1])  # one env, in order
+
+
+@pytest.mark.parametrize("variant", [{"edit_scale": 0.1}, {"fql_alpha": 30.0}], ids=["QAM-E", "QAM-F"])
+def test_edit_and_one_step_variants_fine_tune_online(local_ray, tiny_dataset_dir, tmp_path, variant):
+    """QAM-E acts through its edit policy and QAM-F through its one-step policy; both reach the EnvRunners."""
+    offline_checkpoint(tiny_dataset_dir, tmp_path / "offline", **variant)
+    algo = online_config(tiny_dataset_dir, str(tmp_path / "offline"), runners=1, start_training=0,
+                         **variant).build_algo()
+    try:
+        result = algo.train()
+        learner = algo.learner_group.get_state()["learner"]["rl_module"]["default_policy"]
+        (runner,) = algo.env_runner_group.foreach_env_runner(lambda r: r.module.get_state(), local_env_runner=False)
+    finally:
+        algo.stop()
+    assert result["online"]["updates"] == FRAGMENT * HORIZON and np.isfinite(
+        result["learners"]["default_policy"]["total_loss"])
+    head = "edit_actor" if "edit_scale" in variant else "one_step_actor"
+    assert any(head in key for key in runner), sorted(runner)  # the variant's acting head is synced
+    for key, value in runner.items():
+        np.testing.assert_array_equal(value, learner[key], err_msg=key)
