@@ -213,6 +213,17 @@ BENCHMARKS = {"plain": prepare_plain, "rllib_local": prepare_rllib(0), "rllib_re
 RAY_BENCHMARKS = ("rllib_local", "rllib_remote")
 
 
+def time_in_turns(prepared: dict, rounds: int) -> dict[str, list]:
+    """``rounds`` timings of every prepared ``(timed, close)`` pair, taken in turns, then close them all."""
+    times = {name: [] for name in prepared}
+    for _ in range(rounds):
+        for name, (timed, _) in prepared.items():
+            times[name].append(timed())
+    for _, close in prepared.values():
+        close()
+    return times
+
+
 def update_benchmarks(args, device: torch.device, dataset_dir: str, common: dict) -> list[dict]:
     uses_ray = any(name in RAY_BENCHMARKS for name in args.only)
     with local_ray(max(2, torch.get_num_threads())) if uses_ray else contextlib.nullcontext():
@@ -220,12 +231,7 @@ def update_benchmarks(args, device: torch.device, dataset_dir: str, common: dict
         # the median over the repeats is recorded.
         prepared = {name: BENCHMARKS[name](args.size, args.steps, device, dataset_dir, torch.get_num_threads())
                     for name in args.only}
-        times = {name: [] for name in args.only}
-        for _ in range(args.repeats):
-            for name, (timed, _) in prepared.items():
-                times[name].append(timed())
-        for _, close in prepared.values():
-            close()
+        times = time_in_turns(prepared, args.repeats)
     records = []
     for name in prepared:
         elapsed = statistics.median(times[name])
@@ -251,12 +257,7 @@ def online_benchmarks(args, device: torch.device, dataset_dir: str, common: dict
         # Built first, then timed in turns (as above); the median over the iterations is recorded.
         prepared = {n: prepare_online(n, args.size, device, dataset_dir, checkpoint, args.iterations, args.fragment,
                                       args.utd) for n in args.runners}
-        times = {n: [] for n in args.runners}
-        for _ in range(args.iterations):
-            for n, (timed, _) in prepared.items():
-                times[n].append(timed())
-        for _, close in prepared.values():
-            close()
+        times = time_in_turns(prepared, args.iterations)
     print(f"{'runners':>7} {'env steps/s (sampling)':>22} {'updates/s':>9} {'env steps/s (wall)':>18} "
           f"{'sample %':>8} {'update %':>8}")
     records = []
