@@ -238,12 +238,17 @@ class QAM(Algorithm):
     def training_step(self) -> None:
         if self.config._is_online:
             return self._online_training_step()
-        steps, batch = self.config.num_steps_per_iteration, self.config.train_batch_size_per_learner
+        steps = self.config.num_steps_per_iteration
         start = time.perf_counter()
+        self._learner_steps(steps)
+        self.metrics.log_value(  # RLlib owns the top-level "perf" key
+            (LEARNER_RESULTS, DEFAULT_MODULE_ID, "updates_per_s"), steps / (time.perf_counter() - start), window=1)
+
+    def _learner_steps(self, steps: int) -> None:
+        """``steps`` updates on every learner; logs the learners' mean metrics and counts the steps."""
+        batch = self.config.train_batch_size_per_learner
         per_learner = call_values(self.learner_group.foreach_learner(lambda learner: learner.run_steps(steps, batch)))
-        elapsed = time.perf_counter() - start
         means = {key: sum(m[key] for m in per_learner) / len(per_learner) for key in per_learner[0]}
-        means["updates_per_s"] = steps / elapsed  # RLlib owns the top-level "perf" key
         self.metrics.log_dict(means, key=(LEARNER_RESULTS, DEFAULT_MODULE_ID), reduce="mean", window=1)
         self.metrics.log_value("num_gradient_steps_lifetime", steps, reduce="lifetime_sum")
 
@@ -264,11 +269,7 @@ class QAM(Algorithm):
         updates = online_updates(before, after, cfg.start_training, cfg.utd_ratio)
         start = time.perf_counter()
         if updates:
-            batch = cfg.train_batch_size_per_learner
-            per_learner = call_values(self.learner_group.foreach_learner(lambda learner: learner.run_steps(updates, batch)))
-            means = {key: sum(m[key] for m in per_learner) / len(per_learner) for key in per_learner[0]}
-            self.metrics.log_dict(means, key=(LEARNER_RESULTS, DEFAULT_MODULE_ID), reduce="mean", window=1)
-            self.metrics.log_value("num_gradient_steps_lifetime", updates, reduce="lifetime_sum")
+            self._learner_steps(updates)
             self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
         update_s = time.perf_counter() - start
         gradient_steps = call_values(self.learner_group.foreach_learner(lambda learner: learner.gradient_steps))[0]
