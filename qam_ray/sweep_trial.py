@@ -80,7 +80,7 @@ def qam_trial(config: dict, base_spec: dict | None = None) -> None:
             state["phase"] = "online"
     if state["phase"] == "online":
         if state["offline_steps"] is None:  # the learner's gradient steps when the online phase began
-            state["offline_steps"] = call_learner(algo, lambda learner: learner.gradient_steps)
+            state["offline_steps"] = algo.learner_value(lambda learner: learner.gradient_steps)
         offset = state["offline_steps"]
         _run_phase(algo, spec, state, metrics, lambda result: _online_row(result, offset),
                    done=lambda step: step - offset >= spec["online_steps"])
@@ -104,13 +104,6 @@ def _build_algo(spec: dict, phase: str, offline_checkpoint: str | None):
                                num_cpus_per_env_runner=spec["cpus_per_env_runner"],
                                rollout_fragment_length=spec["rollout_fragment_length"]))
     return config.build_algo()
-
-
-def call_learner(algo, func):
-    """``func(learner)`` on the first learner (every learner holds the same state)."""
-    from qam_ray.rllib.algorithm import call_values
-
-    return call_values(algo.learner_group.foreach_learner(func))[0]
 
 
 def _hyperparams(config) -> dict:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
-from qam_ray.rllib.algorithm import QAMConfig, call_values, online_updates
+from qam_ray.rllib.algorithm import QAMConfig, online_updates
 from qam_ray.rllib.chunk_env import episode_transitions
 
 TINY = dict(actor_hidden_dims=(16, 16), value_hidden_dims=(16, 16), num_qs=2, flow_steps=3,
@@ -88,8 +88,8 @@ def online_config(dataset_dir, checkpoint, domain="cube-single-play", runners=2,
 
 
 def learner_state(algo):
-    return call_values(algo.learner_group.foreach_learner(lambda learner: (
-        learner.buffer.rows(0), learner.gradient_steps, learner.qam_module.get_state())))[0]
+    return algo.learner_value(lambda learner: (
+        learner.buffer.rows(0), learner.gradient_steps, learner.qam_module.get_state()))
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_sparse_domain_stores_online_rewards_like_its_dataset(local_ray, tiny_pu
     try:
         result = algo.train()
         offline_rows = algo.dataset_info["transitions"]
-        rows = call_values(algo.learner_group.foreach_learner(lambda learner: learner.buffer.rows(offline_rows)))[0]
+        rows = algo.learner_value(lambda learner: learner.buffer.rows(offline_rows))
     finally:
         algo.stop()
     assert result["online"]["env_steps"] == FRAGMENT * HORIZON

@@ -220,16 +220,21 @@ class QAM(Algorithm):
         results = self.learner_group.foreach_learner(
             lambda learner: learner.load_dataset(cfg.env_name, cfg.dataset_dir, cfg.sparse, online_capacity)
         )
-        self.dataset_info = call_values(results)[0]
+        self.dataset_info = call_values(results)[0]  # every learner loads the same file
         self._evaluate_after_step = False
         if cfg._is_online and cfg.offline_checkpoint:
             self.learner_group.restore_from_path(os.path.join(cfg.offline_checkpoint, "learner_group"))
-            held = call_values(self.learner_group.foreach_learner(lambda learner: learner.online_transitions))[0]
+            held = self.learner_value(lambda learner: learner.online_transitions)
             if held:
                 raise ValueError(
                     f"offline_checkpoint={cfg.offline_checkpoint!r} already holds {held} online transitions: it was "
                     "saved in an online phase. Resume it with algo.restore_from_path() (sweeps: --resume) instead.")
             self._sync_env_runners()
+
+    def learner_value(self, func):
+        """Runs ``func(learner)`` on every learner and returns the first one's value (they hold the same state);
+        re-raises a learner's error."""
+        return call_values(self.learner_group.foreach_learner(func))[0]
 
     def _sync_env_runners(self) -> None:
         call_values(self.learner_group.foreach_learner(lambda learner: learner.bump_weights_seq_no()))
@@ -259,24 +264,21 @@ class QAM(Algorithm):
             worker_set=self.env_runner_group, concat=True, _uses_new_env_runners=True, _return_metrics=True)
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
         transitions = episode_transitions(episodes)
-        sampled = len(transitions.get("rewards", ()))
-        before = call_values(self.learner_group.foreach_learner(lambda learner: learner.online_transitions))[0]
-        keep = min(sampled, cfg.online_steps - before)  # the phase ends at exactly online_steps env steps
-        transitions = {key: value[:keep] for key, value in transitions.items()}
         sample_s = time.perf_counter() - start
 
-        after = call_values(self.learner_group.foreach_learner(lambda learner: learner.add_online_transitions(transitions)))[0]
+        # The phase ends at exactly online_steps env steps: the learners drop what lies beyond.
+        progress = self.learner_value(lambda learner: learner.add_online_transitions(transitions, cfg.online_steps))
+        before, after = progress["before"], progress["after"]
         updates = online_updates(before, after, cfg.start_training, cfg.utd_ratio)
         start = time.perf_counter()
         if updates:
             self._learner_steps(updates)
             self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
         update_s = time.perf_counter() - start
-        gradient_steps = call_values(self.learner_group.foreach_learner(lambda learner: learner.gradient_steps))[0]
         online = {
             "env_steps": after, "buffer_size": self.dataset_info["transitions"] + after,
-            "gradient_steps": gradient_steps, "updates": updates, "sample_s": sample_s, "update_s": update_s,
-            "env_steps_per_s": keep / sample_s if sample_s > 0 else 0.0,
+            "gradient_steps": progress["gradient_steps"] + updates, "updates": updates, "sample_s": sample_s,
+            "update_s": update_s, "env_steps_per_s": (after - before) / sample_s if sample_s > 0 else 0.0,
             "updates_per_s": updates / update_s if updates else 0.0,
         }
         self.metrics.log_dict(online, key=ONLINE_RESULTS, reduce="mean", window=1)

@@ -70,14 +70,21 @@ class QAMTorchLearner(TorchLearner):
     def online_transitions(self) -> int:
         return self.buffer.size - self._offline_size
 
-    def add_online_transitions(self, transitions: dict) -> int:
+    def add_online_transitions(self, transitions: dict, limit: int) -> dict[str, int]:
         """Append env transitions (``episode_transitions`` layout, raw env rewards) with the offline data's reward
-        convention; returns the number of online transitions held."""
+        convention, up to ``limit`` online transitions in all (the phase's budget: the rest is dropped).
+
+        Returns the online transitions held ``before`` and ``after``, and the ``gradient_steps`` so far: all the
+        driver needs for the iteration, in one call.
+        """
+        before = self.online_transitions
         if transitions:
+            keep = max(0, limit - before)
+            transitions = {key: value[:keep] for key, value in transitions.items()}
             if self._sparse:
-                transitions = dict(transitions, rewards=sparse_rewards(transitions["rewards"]))
+                transitions["rewards"] = sparse_rewards(transitions["rewards"])
             self.buffer.add_transitions(**transitions)
-        return self.online_transitions
+        return {"before": before, "after": self.online_transitions, "gradient_steps": self.gradient_steps}
 
     def run_steps(self, num_steps: int, batch_size: int) -> dict[str, float]:
         """``num_steps`` QAM updates; returns the mean of every metric over them (one host sync)."""
