@@ -1,7 +1,9 @@
-"""The paper's 10 OGBench domains and their per-domain settings: the single source of truth.
+"""The paper's 10 OGBench domains and their env facts: the single source of truth.
 
 Values come from QAM_SPEC.md §9-§11 (experiments/reproduce.py of the official repo) and OGBENCH.md §2 (dims and
-evaluation time limits). Nothing here imports torch, gymnasium or ogbench, so configs can use it cheaply.
+evaluation time limits). Only facts about the environment and its data live here (tasks, dataset, chunk length,
+γ, ρ, sparsity, episode length); each method's per-domain values live in its agent file (``qam_ray/agents``).
+Nothing here imports torch, gymnasium or ogbench, so configs can use it cheaply.
 
 A *domain* is ``<env>-<dataset type>`` (e.g. ``cube-double-play``); its five tasks are the singletask env names
 ``<domain>-singletask-task{1..5}-v0`` that ``ogbench.make_env_and_datasets`` accepts.
@@ -13,7 +15,6 @@ import re
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-VARIANTS = ('QAM', 'QAM-E', 'QAM-F')
 NUM_TASKS = 5
 
 # Families whose policies act in 5-step action chunks; the maze families use chunk length 1 (QAM_SPEC §10).
@@ -62,15 +63,6 @@ def parse_singletask_name(env_name: str) -> SingletaskName:
 
 
 @dataclass(frozen=True)
-class VariantHParams:
-    """The knobs that distinguish QAM, QAM-E and QAM-F; an add-on weight of 0 switches that add-on off."""
-
-    inv_temp: float  # τ in π* ∝ π_β·exp(τQ); not the Polyak rate
-    edit_scale: float = 0.0  # QAM-E: β_edit
-    fql_alpha: float = 0.0  # QAM-F: distillation weight α
-
-
-@dataclass(frozen=True)
 class Domain:
     name: str  # '<env>-<dataset type>', e.g. 'cube-double-play'
     env_prefix: str  # gymnasium id prefix, e.g. 'cube-double'
@@ -84,10 +76,14 @@ class Domain:
     episode_length: int  # evaluation TimeLimit
     obs_dim: int  # for reference; the dataset and env are authoritative
     action_dim: int
-    qam: VariantHParams
-    qam_e: VariantHParams
-    qam_f: VariantHParams
     in_paper: bool = True  # False for domains derived for generated/other datasets (see derived_domain)
+    # The paper domain whose per-method hyperparameters apply: the domain itself, or for a derived domain its
+    # nearest paper domain (see derived_domain).
+    hyperparams_domain: str = ''
+
+    def __post_init__(self):
+        if not self.hyperparams_domain:
+            object.__setattr__(self, 'hyperparams_domain', self.name)
 
     @property
     def family(self) -> str:
@@ -102,8 +98,8 @@ class Domain:
         return tuple(f'{self.name}-singletask-task{k}-v0' for k in range(1, NUM_TASKS + 1))
 
 
-def _paper_domain(name, env_prefix, *, episode_length, obs_dim, action_dim, qam, qam_e, qam_f, dataset_size='1M',
-                  discount=0.99, rho=0.5) -> Domain:
+def _paper_domain(name, env_prefix, *, episode_length, obs_dim, action_dim, dataset_size='1M', discount=0.99,
+                  rho=0.5) -> Domain:
     family = env_prefix.split('-')[0]
     return Domain(
         name=name,
@@ -116,42 +112,33 @@ def _paper_domain(name, env_prefix, *, episode_length, obs_dim, action_dim, qam,
         episode_length=episode_length,
         obs_dim=obs_dim,
         action_dim=action_dim,
-        qam=VariantHParams(qam),
-        qam_e=VariantHParams(qam_e[0], edit_scale=qam_e[1]),
-        qam_f=VariantHParams(qam_f[0], fql_alpha=qam_f[1]),
     )
 
 
-# In the order of QAM_SPEC §10. qam = τ; qam_e = (τ, β_edit); qam_f = (τ, α_fql). Some QAM-E/QAM-F entries have a
-# zero add-on weight and so equal QAM: that is what the official scripts run, and it is kept as is.
+# In the order of QAM_SPEC §10.
 _PAPER_DOMAINS = (
-    _paper_domain('puzzle-3x3-play', 'puzzle-3x3', episode_length=500, obs_dim=55, action_dim=5,
-                  qam=3, qam_e=(1, 0.1), qam_f=(3, 0)),
-    _paper_domain('scene-play', 'scene', episode_length=750, obs_dim=40, action_dim=5,
-                  qam=1, qam_e=(1, 0.0), qam_f=(1, 300)),
-    _paper_domain('cube-double-play', 'cube-double', episode_length=500, obs_dim=37, action_dim=5,
-                  qam=1, qam_e=(1, 0), qam_f=(1, 0)),
-    _paper_domain('antmaze-large-navigate', 'antmaze-large', episode_length=1000, obs_dim=29, action_dim=8,
-                  qam=10, qam_e=(1, 0.1), qam_f=(3, 30)),
+    _paper_domain('puzzle-3x3-play', 'puzzle-3x3', episode_length=500, obs_dim=55, action_dim=5),
+    _paper_domain('scene-play', 'scene', episode_length=750, obs_dim=40, action_dim=5),
+    _paper_domain('cube-double-play', 'cube-double', episode_length=500, obs_dim=37, action_dim=5),
+    _paper_domain('antmaze-large-navigate', 'antmaze-large', episode_length=1000, obs_dim=29, action_dim=8),
     _paper_domain('humanoidmaze-medium-navigate', 'humanoidmaze-medium', episode_length=2000, obs_dim=69,
-                  action_dim=21, discount=0.995, rho=0.0, qam=3, qam_e=(3, 0.1), qam_f=(1, 30)),
-    _paper_domain('cube-triple-play', 'cube-triple', episode_length=1000, obs_dim=46, action_dim=5,
-                  qam=3, qam_e=(3, 0.1), qam_f=(10, 300)),
+                  action_dim=21, discount=0.995, rho=0.0),
+    _paper_domain('cube-triple-play', 'cube-triple', episode_length=1000, obs_dim=46, action_dim=5),
     _paper_domain('cube-quadruple-play', 'cube-quadruple', episode_length=1000, obs_dim=55, action_dim=5,
-                  dataset_size='100M', qam=1, qam_e=(3, 0.1), qam_f=(0.3, 30)),
+                  dataset_size='100M'),
     _paper_domain('puzzle-4x4-play', 'puzzle-4x4', episode_length=500, obs_dim=83, action_dim=5,
-                  dataset_size='100M', qam=30, qam_e=(0.1, 0.9), qam_f=(3, 3)),
+                  dataset_size='100M'),
     _paper_domain('antmaze-giant-navigate', 'antmaze-giant', episode_length=1000, obs_dim=29, action_dim=8,
-                  discount=0.995, qam=3, qam_e=(10, 0.1), qam_f=(3, 30)),
+                  discount=0.995),
     _paper_domain('humanoidmaze-large-navigate', 'humanoidmaze-large', episode_length=2000, obs_dim=69,
-                  action_dim=21, discount=0.995, rho=0.0, qam=3, qam_e=(3, 0.1), qam_f=(0.3, 30)),
+                  action_dim=21, discount=0.995, rho=0.0),
 )
 DOMAINS: dict[str, Domain] = {domain.name: domain for domain in _PAPER_DOMAINS}
 DOMAIN_NAMES = tuple(DOMAINS)
 
 # Manipulation envs our generator supports that no paper domain uses: (nearest paper domain, TimeLimit, obs_dim).
-# Nearest = the same family with the closest number of objects: cube-single borrows cube-double's τ (1; its QAM-E and
-# QAM-F entries equal QAM), the larger puzzles borrow puzzle-4x4's (QAM τ 30, QAM-E 0.1/0.9, QAM-F 3/3).
+# Nearest = the same family with the closest number of objects: cube-single takes cube-double's per-method
+# hyperparameters, the larger puzzles take puzzle-4x4's.
 _NON_PAPER_ENVS = {
     'cube-single': ('cube-double-play', 200, 28),
     'puzzle-4x5': ('puzzle-4x4-play', 1000, 99),
@@ -197,6 +184,7 @@ def derived_domain(env_prefix: str, dataset_type: str) -> Domain:
         episode_length=episode_length,
         obs_dim=obs_dim,
         in_paper=False,
+        hyperparams_domain=base.name,
     )
 
 
@@ -206,15 +194,3 @@ def domain_of_env(env_name: str) -> Domain:
     if parsed.domain_name in DOMAINS:
         return DOMAINS[parsed.domain_name]
     return derived_domain(parsed.env_prefix, parsed.dataset_type)
-
-
-def variant_hparams(domain: Domain | str, variant: str) -> dict[str, float]:
-    """``{'inv_temp', 'edit_scale', 'fql_alpha'}`` for a variant; add-ons a variant does not use are 0."""
-    if isinstance(domain, str):
-        domain = get_domain(domain)
-    by_variant = {'QAM': domain.qam, 'QAM-E': domain.qam_e, 'QAM-F': domain.qam_f}
-    if variant not in by_variant:
-        raise ValueError(f'Unknown variant {variant!r}; expected one of {VARIANTS}.')
-    hparams = by_variant[variant]
-    return {'inv_temp': float(hparams.inv_temp), 'edit_scale': float(hparams.edit_scale),
-            'fql_alpha': float(hparams.fql_alpha)}

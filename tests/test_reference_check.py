@@ -1,60 +1,135 @@
-"""The port reproduces the official JAX update on the shipped fixtures, and the checker catches mistakes."""
+"""Every agent reproduces its official update on the shipped fixtures, and the checker catches mistakes: plausible
+porting errors in our code, and fixtures with arrays removed or added."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from qam_ray import reference_check
-from qam_ray.core import networks, qam
+from qam_ray.agents import bam, ifql
+from qam_ray.core import networks, optim
 
-# Copies of shared/fixtures (FIXTURE_FORMAT.md): qam_small = QAM, qamf_alt = QAM-F.
-FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("*.npz"))
+# Copies of the official fixtures (FIXTURE_FORMAT*.md): QAM, QAM-F, FQL, BAM, IFQL.
+FIXTURE_DIR = Path(__file__).parent / "fixtures"
+FIXTURES = sorted(FIXTURE_DIR.glob("*.npz"))
 
 
-def test_both_fixtures_are_present():
-    assert [p.name for p in FIXTURES] == ["qam_small.npz", "qamf_alt.npz"]
+def fixture(name: str) -> str:
+    return str(FIXTURE_DIR / f"{name}.npz")
+
+
+def failed(path: str) -> set[str]:
+    return {c.name for c in reference_check.check_fixture(path) if not c.ok}
+
+
+def test_every_fixture_is_present():
+    assert [p.stem for p in FIXTURES] == ["bam_small", "fql_small", "ifql_small", "qam_small", "qamf_alt"]
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.stem)
 def test_port_matches_official_update(path):
     checks = reference_check.check_fixture(str(path))
-    failed = [(c.name, c.error, c.tol) for c in checks if not c.ok]
-    assert not failed
+    assert not [(c.name, c.error, c.tol) for c in checks if not c.ok]
     names = {c.name for c in checks}
-    # Every class of quantity of FIXTURE_FORMAT.md §7 is compared, for both updates.
+    # Every class of quantity of the format documents is compared, for both updates.
     for update in ("update1", "update2"):
-        for key in ("total_loss", "info/actor/adj_loss", "am_adjs", "next_actions", "grad_global_norm"):
-            assert f"{update}/{key}" in names
+        for key in ("total_loss", "info/critic/critic_loss", "next_v" if path.stem != "ifql_small" else "v_pred",
+                    "grad_global_norm", "target_q", "critic_q", "fm_pred"):
+            assert f"{update}/{key}" in names, key
         assert any(n.startswith(f"{update}/params/target_critic") for n in names)
+        assert any(n.startswith(f"{update}/grads/critic") for n in names)
     assert any(n.startswith("update1/adam_mu/") for n in names)
-    if path.stem == "qamf_alt":
-        assert "update2/info/actor/fql_q_loss" in names
+    extra = {"qamf_alt": "update2/info/actor/fql_q_loss", "bam_small": "update2/sde_bc_terms",
+             "fql_small": "update2/distill_flow_xs", "ifql_small": "acting/act/chosen_index",
+             "qam_small": "update2/am_adjs"}[path.stem]
+    assert extra in names
 
 
 def test_cli_exit_status(capsys):
     assert reference_check.main([str(p) for p in FIXTURES]) == 0
     assert "ALL CHECKS PASSED" in capsys.readouterr().out
-    assert reference_check.main([str(FIXTURES[0].with_name("missing.npz"))]) == 1
+    assert reference_check.main([fixture("missing")]) == 1
 
 
 def test_checker_catches_exact_erf_gelu(monkeypatch):
     monkeypatch.setattr(networks, "gelu", F.gelu)  # PyTorch's default GELU, not flax's tanh approximation
-    checks = reference_check.check_fixture(str(FIXTURES[0]))
-    assert any(not c.ok and "loss" in c.name for c in checks)
+    for name in ("qam_small", "fql_small", "bam_small", "ifql_small"):
+        assert any("loss" in n for n in failed(fixture(name))), name
 
 
-def test_checker_catches_missing_gradient_clip(monkeypatch):
+def test_checker_catches_a_missing_gradient_clip(monkeypatch):
     # Adam's first step is almost scale-free, so this shows up in the Adam moments (FIXTURE_FORMAT §7).
-    monkeypatch.setattr(qam, "clip_grad_global_norm_", lambda grads, max_norm: torch.zeros(()))
-    failed = {c.name.split("/")[1] for c in reference_check.check_fixture(str(FIXTURES[1])) if not c.ok}
-    assert "adam_mu" in failed
+    monkeypatch.setattr(optim, "clip_grad_global_norm_", lambda grads, max_norm: torch.zeros(()))
+    for name in ("qamf_alt", "bam_small"):
+        assert any("adam_mu" in n for n in failed(fixture(name))), name
 
 
-def test_checker_rejects_unsupported_flags():
-    config = {"residual": True, "full_action_dim": 4, "action_dim": 2, "horizon_length": 2}
+def test_checker_catches_a_spurious_gradient_clip(monkeypatch):
+    original = reference_check.hyperparams_from_config
+    monkeypatch.setattr(reference_check, "hyperparams_from_config",
+                        lambda agent, config: dataclasses.replace(original(agent, config), clip_grad_max_norm=1.0))
+    for name in ("fql_small", "ifql_small"):  # the official FQL and IFQL use plain Adam
+        assert any("adam_mu" in n for n in failed(fixture(name))), name
+
+
+def test_checker_catches_polyak_from_post_step_weights_and_a_missing_target(monkeypatch):
+    agent = bam.BAMAgent
+
+    def post_step_update(self, optimizer, batch, draws, on_raw_gradients=None):
+        optimizer.zero_grad(set_to_none=True)
+        losses = self.losses(batch, draws)
+        losses.total.backward()
+        on_raw_gradients()
+        optim.clip_grad_global_norm_([p.grad for p in self.online_parameters() if p.grad is not None], 1.0)
+        optimizer.step()
+        optim.polyak_update_(*self.target_pairs(), self.hp.tau)  # after the step: wrong
+        return losses.metrics, losses.intermediates
+
+    monkeypatch.setattr(agent, "update", post_step_update)
+    assert any("params/target_critic" in n for n in failed(fixture("bam_small")))
+    monkeypatch.undo()
+    only_critic = lambda self: ([*self.target_critic.parameters()], [*self.critic.parameters()])  # noqa: E731
+    monkeypatch.setattr(agent, "target_pairs", only_critic)
+    assert any("params/target_actor_slow" in n for n in failed(fixture("bam_small")))
+
+
+def test_checker_catches_ifql_acting_without_best_of_n(monkeypatch):
+    monkeypatch.setattr(ifql, "best_of_n", lambda candidates, scores: candidates[:, 0])
+    assert "acting/act/actions" in failed(fixture("ifql_small"))
+
+
+def tampered(tmp_path, name: str, drop: tuple[str, ...] = (), add: dict | None = None) -> str:
+    data = dict(np.load(fixture(name)))
+    for key in drop:
+        del data[key]
+    data.update(add or {})
+    path = tmp_path / f"{name}-tampered.npz"
+    np.savez(path, **data)
+    return str(path)
+
+
+@pytest.mark.parametrize("key", ["total_loss", "next_actions", "step2/target_q", "info/critic/q_mean"])
+def test_a_fixture_with_an_array_removed_fails(tmp_path, key):
+    checks = reference_check.check_fixture(tampered(tmp_path, "fql_small", drop=(key,)))
+    bad = [c.name for c in checks if not c.ok]
+    assert bad and any(key.split("/")[-1] in n for n in bad), bad
+
+
+def test_a_fixture_with_an_array_we_do_not_read_fails(tmp_path):
+    path = tampered(tmp_path, "qam_small", add={"am_new_quantity": np.zeros(3, np.float32)})
+    assert "fixture/am_new_quantity (not compared by our check)" in failed(path)
+
+
+def test_checker_rejects_unsupported_flags_and_unknown_agents():
+    config = {"residual": True, "full_action_dim": 4, "action_dim": 2, "horizon_length": 2, "variant": "QAM"}
+    agent = reference_check.fixture_agent(config)
     with pytest.raises(reference_check.FixtureError, match="residual"):
-        reference_check.hyperparams_from_config(config)
+        reference_check.hyperparams_from_config(agent, config)
+    with pytest.raises(reference_check.FixtureError, match="known agents"):
+        reference_check.fixture_agent({"agent": "cgql", "variant": "CGQL"})

@@ -27,11 +27,29 @@ def memoryless_sigmas(times: torch.Tensor, num_steps: int) -> torch.Tensor:
 
 
 def euler_ode(field: VelocityFn, obs: torch.Tensor, x0: torch.Tensor, num_steps: int) -> torch.Tensor:
-    """Deterministic Euler integration x ← x + f(s, x, i/K)/K from t=0 to 1 (unclipped)."""
+    """Deterministic Euler integration x ← x + f(s, x, i/K)/K from t=0 to 1 (unclipped).
+
+    ``obs`` broadcasts against the leading axes of ``x0`` (e.g. (B, 1, obs) against (B, n, D) candidates).
+    """
     x = x0
     for t in time_grid(num_steps, x0):
         x = x + field(obs, x, t) / num_steps
     return x
+
+
+def euler_ode_states(field: VelocityFn, obs: torch.Tensor, x0: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """``euler_ode`` that keeps its K+1 states [x_0 … x_K], stacked on a new leading axis (x_K = states[-1])."""
+    states = [x0]
+    for t in time_grid(num_steps, x0):
+        states.append(states[-1] + field(obs, states[-1], t) / num_steps)
+    return torch.stack(states)
+
+
+def memoryless_sde_step(x: torch.Tensor, fine_velocity: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor,
+                        noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """One Euler–Maruyama step of the memoryless SDE  x += h(2 f_θ − x/(t+h)) + √h·σ·ε  (h = 1/K)."""
+    h = 1.0 / num_steps
+    return x + h * (2.0 * fine_velocity - x / (t + h)) + math.sqrt(h) * sigma * noise
 
 
 def memoryless_sde_trajectory(
@@ -55,9 +73,7 @@ def memoryless_sde_trajectory(
     x = x0
     with torch.no_grad():
         for i in range(num_steps - 1):
-            t = times[i]
-            drift = 2.0 * fine_field(obs, x, t) - x / (t + h)
-            x = x + h * drift + math.sqrt(h) * sigmas[i] * step_noise[i]
+            x = memoryless_sde_step(x, fine_field(obs, x, times[i]), times[i], sigmas[i], step_noise[i], num_steps)
             xs.append(x)
         x_final = x + h * base_field(obs, x, times[-1])
     return torch.stack(xs), x_final

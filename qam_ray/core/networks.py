@@ -73,10 +73,8 @@ class VelocityField(nn.Module):
         self.net = MLP(obs_dim + action_dim + int(time_input), hidden_dims, action_dim)
 
     def forward(self, obs: torch.Tensor, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        if self.time_input:
-            inputs = (obs.expand(*x.shape[:-1], obs.shape[-1]), x, t.expand(*x.shape[:-1], 1))
-        else:
-            inputs = (obs, x)
+        obs = obs.expand(*x.shape[:-1], obs.shape[-1])  # e.g. (B, 1, obs) against (B, n, D) candidates
+        inputs = (obs, x, t.expand(*x.shape[:-1], 1)) if self.time_input else (obs, x)
         return self.net(torch.cat(inputs, dim=-1))
 
 

@@ -1,0 +1,222 @@
+"""What every agent is made of, so the data, RLlib and orchestration layers are written once for all of them.
+
+An agent file (``qam_ray/agents/<family>.py``) reads top to bottom like its official ``agents/*.py``:
+
+  hyperparameters (a dataclass of the official ``get_config()`` defaults, every field commented)
+  → per-domain values of the official reproduce script
+  → networks (an ``Agent`` subclass: a ``torch.nn.Module`` holding every module under its official name)
+  → random draws (``draw_specs``: every random tensor one update uses, drawn up front as tensors)
+  → acting (``act``)  → losses (``losses``)  → update (the shared joint step unless overridden)
+
+Pure PyTorch: nothing here imports Ray, gymnasium, ogbench or MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from qam_ray.core.optim import joint_step, make_adam
+
+# --------------------------------------------------------------------------------------------------
+# Hyperparameters
+# --------------------------------------------------------------------------------------------------
+# The QAM paper's common settings (QAM_SPEC.md §10, identical for every baseline of its reproduce script).
+PAPER_HIDDEN = (512, 512, 512, 512)
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentHyperparams:
+    """Settings every agent of the QAM repository has.  Per-domain values (chunk length, γ, ρ) come from
+    ``qam_ray.domains``; each agent subclass adds its own fields with the official defaults."""
+
+    obs_dim: int
+    action_dim: int  # per-step action size A; policies and critics work on the chunk of D = A·horizon_length
+    horizon_length: int = 5  # action chunk length H (`--horizon_length`; 1 on the maze domains)
+    actor_hidden_dims: tuple[int, ...] = PAPER_HIDDEN  # actor MLPs, GELU, no LayerNorm
+    value_hidden_dims: tuple[int, ...] = PAPER_HIDDEN  # critic / value MLPs, GELU + LayerNorm
+    num_qs: int = 10  # critic ensemble size E
+    flow_steps: int = 10  # Euler steps K of every flow sampler
+    rho: float = 0.5  # pessimism ρ: ensemble aggregate mean − ρ·std
+    discount: float = 0.99  # γ; the chunked TD target bootstraps with γ^H
+    tau: float = 0.005  # Polyak rate of the target networks (not a temperature)
+    lr: float = 3e-4  # Adam learning rate
+    clip_grad_max_norm: float | None = None  # global-norm gradient clip; None = plain Adam
+    value_layer_norm: bool = True  # LayerNorm after each hidden activation of critic / value nets
+
+    def __post_init__(self):
+        for name in ("actor_hidden_dims", "value_hidden_dims"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
+        errors = self.errors()
+        if errors:
+            raise ValueError(f"Invalid {type(self).__name__}:\n  - " + "\n  - ".join(errors))
+
+    def errors(self) -> list[str]:
+        """Every problem at once, each naming the field and the allowed values; subclasses add theirs."""
+        errors = [positive_int(self, name) for name in
+                  ("obs_dim", "action_dim", "horizon_length", "num_qs", "flow_steps")]
+        for name in ("actor_hidden_dims", "value_hidden_dims"):
+            dims = getattr(self, name)
+            if not (isinstance(dims, tuple) and dims and all(_is_int(d) and d >= 1 for d in dims)):
+                errors.append(f"{name}={dims!r}: must be a non-empty sequence of positive integers")
+        errors += [non_negative(self, name) for name in ("rho", "lr")]
+        errors.append(in_interval(self, "discount", 0.0, 1.0, low_open=True))
+        errors.append(in_interval(self, "tau", 0.0, 1.0, low_open=True,
+                                  hint="the Polyak rate; a policy temperature is a separate field"))
+        clip = self.clip_grad_max_norm
+        if clip is not None and not (_is_real(clip) and 0 < clip < math.inf):
+            errors.append(f"clip_grad_max_norm={clip!r}: must be a finite number > 0, or None for no clipping")
+        if not isinstance(self.value_layer_norm, bool):
+            errors.append(f"value_layer_norm={self.value_layer_norm!r}: must be True or False")
+        return [e for e in errors if e]
+
+    @property
+    def chunk_dim(self) -> int:
+        return self.action_dim * self.horizon_length
+
+
+def field_names(hyperparams_class: type[AgentHyperparams]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(hyperparams_class))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(hp, name: str) -> str | None:
+    value = getattr(hp, name)
+    return None if _is_int(value) and value >= 1 else f"{name}={value!r}: must be an integer >= 1"
+
+
+def non_negative(hp, name: str) -> str | None:
+    value = getattr(hp, name)
+    return None if _is_real(value) and 0 <= value < math.inf else f"{name}={value!r}: must be a finite number >= 0"
+
+
+def in_interval(hp, name: str, low: float, high: float, low_open: bool = False, hint: str = "") -> str | None:
+    value = getattr(hp, name)
+    ok = _is_real(value) and (low < value if low_open else low <= value) and value <= high
+    bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    return None if ok else f"{name}={value!r}: must be in {bounds}" + (f" ({hint})" if hint else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Random draws
+# --------------------------------------------------------------------------------------------------
+NORMAL, UNIFORM = "normal", "uniform"
+DrawSpecs = dict[str, tuple[str, tuple[int, ...]]]  # name → (N(0,1) | U[0,1), shape), drawn in this order
+
+
+def sample_draws(specs: DrawSpecs, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
+    """Draw every tensor of ``specs`` from one generator, in order: one update's randomness as tensors, so a
+    fixture can replace it and a captured graph can take it as input."""
+    sample = {NORMAL: torch.randn, UNIFORM: torch.rand}
+    return {name: sample[kind](shape, generator=generator, device=device) for name, (kind, shape) in specs.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Losses:
+    total: torch.Tensor  # the one scalar that is differentiated
+    terms: dict[str, torch.Tensor]  # its summands, with their graphs (tests check where each one's gradient goes)
+    metrics: dict[str, torch.Tensor]  # detached scalars, logged; nothing here synchronises with the device
+    intermediates: dict[str, torch.Tensor]  # detached tensors under the fixtures' names (the reference check)
+
+
+# --------------------------------------------------------------------------------------------------
+# The agent
+# --------------------------------------------------------------------------------------------------
+class Agent(nn.Module):
+    """Networks + draws + acting + losses of one method family.
+
+    Subclasses set the class attributes and implement ``draw_specs``, ``act_draw_specs``, ``act`` and ``losses``.
+    Module attributes carry the official module names (``critic``, ``target_critic``, ``actor_bc_flow`` …), so
+    the reference check maps fixture parameters without a table.
+    """
+
+    name: ClassVar[str]  # the agent family: the `agent` tag in MLflow and the `agent` field of its fixtures
+    Hyperparams: ClassVar[type[AgentHyperparams]]
+    # Method label → {paper domain → hyperparameter values} of the official reproduce script (QAM_SPEC §10).
+    PER_DOMAIN: ClassVar[dict[str, dict[str, dict]]]
+    # Target module → the online module Polyak-averaged into it; targets start as copies and get no gradient.
+    TARGETS: ClassVar[dict[str, str]] = {}
+    # Fixture-format facts: official flags our port implements at one value only, modules the official tree
+    # holds that are never used (and so not built here), official metric names that are copies of ours.
+    FIXTURE_FIXED_FLAGS: ClassVar[dict[str, object]] = {}
+    FIXTURE_UNUSED_MODULES: ClassVar[tuple[str, ...]] = ()
+    FIXTURE_METRIC_ALIASES: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, hp: AgentHyperparams):
+        super().__init__()
+        self.hp = hp
+
+    def make_targets(self) -> None:
+        """Create every target module as a frozen copy of its online module (call at the end of __init__)."""
+        for target, online in self.TARGETS.items():
+            setattr(self, target, copy.deepcopy(getattr(self, online)).requires_grad_(False))
+
+    # --- parameters -------------------------------------------------------------------------------
+    def online_parameters(self) -> Iterator[nn.Parameter]:
+        """Every trainable parameter, targets excluded, in a fixed order."""
+        return (p for name, p in self.named_parameters() if name.split(".")[0] not in self.TARGETS)
+
+    def target_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        targets, onlines = [], []
+        for target, online in self.TARGETS.items():
+            targets += list(getattr(self, target).parameters())
+            onlines += list(getattr(self, online).parameters())
+        return targets, onlines
+
+    def acting_modules(self) -> tuple[str, ...]:
+        """The top-level modules ``act`` uses; EnvRunners hold only these."""
+        raise NotImplementedError
+
+    # --- draws, acting, losses ---------------------------------------------------------------------
+    def draw_specs(self, batch_size: int) -> DrawSpecs:
+        raise NotImplementedError
+
+    def act_draw_specs(self, batch_size: int) -> DrawSpecs:
+        raise NotImplementedError
+
+    def act(self, obs: torch.Tensor, draws: dict[str, torch.Tensor],
+            intermediates: dict | None = None) -> torch.Tensor:
+        """The policy's flattened action chunks (B, D) in [-1, 1], without gradients.  ``intermediates``, when
+        given, receives the acting path's tensors under the fixtures' ``act/`` names."""
+        raise NotImplementedError
+
+    def losses(self, batch: dict[str, torch.Tensor], draws: dict[str, torch.Tensor]) -> Losses:
+        raise NotImplementedError
+
+    # --- optimisation ------------------------------------------------------------------------------
+    def make_optimizer(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+        """One Adam over every online parameter (the official agents' single optax chain)."""
+        return make_adam(self.online_parameters(), self.hp.lr, betas, eps)
+
+    def update(self, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               draws: dict[str, torch.Tensor], on_raw_gradients=None):
+        """One gradient step; returns (metrics, intermediates).  The joint step unless a family overrides it."""
+        return joint_step(self, optimizer, batch, draws, on_raw_gradients)
+
+    @classmethod
+    def search_space(cls, trial, method: str) -> dict:
+        """Optuna define-by-run space of the ``search`` sweep preset for ``method``."""
+        raise NotImplementedError
+
+    def sample_actions(self, obs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Draw the acting noise and return action chunks (B, horizon_length, action_dim)."""
+        draws = sample_draws(self.act_draw_specs(obs.shape[0]), generator, obs.device)
+        return self.act(obs, draws).reshape(obs.shape[0], self.hp.horizon_length, self.hp.action_dim)
