@@ -1,9 +1,9 @@
-"""Build the paper's results table from MLflow runs, side by side with the published numbers.
+"""Compare methods from MLflow runs in the paper's results table, side by side with the published numbers.
 
     python experiments/analyze.py --experiment qam_ray --sweep my-sweep --stage offline_1M --out results/analysis
 
-Writes table.md (domains × variants, "ours mean ± std (seeds, steps) / paper mean ± std"), table.csv (long
-form) and learning_curves.png.  Runs on generated data are marked.  The tracking URI is --tracking-uri, else
+Writes table.md (domains × methods, "ours mean ± std (seeds, steps) / paper mean ± std"), table.csv (long
+form) and learning_curves.png (per domain, a line per method: mean over seeds, ± std band, each seed thin).  Runs on generated data are marked.  The tracking URI is --tracking-uri, else
 MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (the sweep's default).
 """
 
@@ -18,7 +18,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qam_ray.analysis import (
+from qam_ray.orchestration.analysis import (
     STAGES,
     compare_with_published,
     format_markdown,
@@ -52,8 +52,22 @@ def main(argv=None) -> int:
     plot_learning_curves(runs, learning_curves(list(runs["run_id"]), args.tracking_uri),
                          os.path.join(args.out, "learning_curves.png"))
     print(markdown)
-    print(f"wrote {args.out}/table.md, table.csv, learning_curves.png")
+    print(f"\ntable: {args.out}/table.md (and table.csv)\nlearning curves: {args.out}/learning_curves.png")
+    print(mlflow_ui_hint(args.tracking_uri, experiments[0]))
     return 0
+
+
+def mlflow_ui_hint(tracking_uri: str, experiment: str) -> str:
+    """The one command (or address) that shows the runs in the MLflow UI."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    page = f"#/experiments/{found.experiment_id}" if found else ""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {tracking_uri.rstrip('/')}/{page}"
+    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    return (f"MLflow UI: {mlflow_bin} ui --backend-store-uri {tracking_uri} --port 5000, "
+            f"then open http://127.0.0.1:5000/{page}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
-"""Time QAM updates per second, or the online phase's env steps and updates per second, and record them as JSON.
+"""Time each method's updates per second, or the online phase's env steps and updates per second, as JSON records.
 
-    python experiments/benchmark.py --size full --steps 20 --json results/benchmark_cpu.json
+    python experiments/benchmark.py --methods QAM FQL BAM IFQL --size full --steps 10 --json results/benchmark_cpu.json
+    python experiments/benchmark.py --plain-only --methods QAM FQL --size small --steps 5 --device cuda --json F
     python experiments/benchmark.py --online --runners 1 2 4 --iterations 10 --json results/benchmark_online_cpu.json
 
 ``full`` is the paper's size (4×512 MLPs, E=10 critics, K=10 flow steps, batch 256, chunk 5, obs 40,
-action 5); ``small`` is a quick configuration.  Each record is
-``{name, size, device, updates_per_s, seconds_per_update, steps, ...}``; records already in the file with
-the same (name, size, device) are replaced, others are kept, so one file collects every benchmark.
+action 5) for every method; ``small`` is a quick configuration.  ``plain`` is the math core's loop without Ray on
+a synthetic buffer of those shapes (an update's cost does not depend on the data's values); it imports only torch
+and numpy, so ``--plain-only`` runs on a bare GPU machine.  ``rllib_local`` / ``rllib_remote`` run
+``Algorithm.train()`` on a generated scene-play dataset with a local or a remote learner.  Each record is
+``{name, method, size, device, updates_per_s, seconds_per_update, steps, ...}``; records already in the file with
+the same (name, method, size, device) are replaced, others are kept, so one file collects every benchmark.
 Compare ratios only between records of one run on one machine.
 
 ``--online`` starts every runner count's online phase from one small offline checkpoint (UTD ``--utd`` from the
@@ -37,10 +41,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo; also silences GLFW's DISPLAY warning
 
+import numpy as np
 import torch
 
+from qam_ray.agents import METHOD_NAMES
 from qam_ray.data.replay import ChunkReplayBuffer
-from qam_ray.tracking import git_commit
+from qam_ray.orchestration.tracking import git_commit
 from qam_ray.training import OfflineTrainer
 
 SIZES = {
@@ -50,6 +56,7 @@ SIZES = {
 # scene has obs 40 and action 5, and its chunk length is 5: exactly the spec's full-size shapes.
 BENCH_DOMAIN, BENCH_TASK = "scene-play", 1
 BENCH_ENV = f"{BENCH_DOMAIN}-singletask-task{BENCH_TASK}-v0"
+BENCH_OBS_DIM, BENCH_ACTION_DIM = 40, 5
 
 
 def size_overrides(size: str) -> dict:
@@ -58,7 +65,7 @@ def size_overrides(size: str) -> dict:
 
 
 def ensure_dataset(dataset_dir: str) -> str:
-    """A small generated scene-play dataset (3 episodes); the update cost does not depend on the data."""
+    """A small generated scene-play dataset (3 episodes) for the RLlib benchmarks."""
     from qam_ray.data.generate import generate_dataset
 
     if not os.path.exists(os.path.join(dataset_dir, "scene-play-v0.npz")):
@@ -66,14 +73,23 @@ def ensure_dataset(dataset_dir: str) -> str:
     return dataset_dir
 
 
-def prepare_plain(size: str, steps: int, device: torch.device, dataset_dir: str, threads: int):
-    """The math core's loop: sample a chunk batch on-device, one optimisation step, repeat."""
-    from qam_ray.data.ogbench_data import load_offline_dataset
-    from qam_ray.training import hyperparams_for_env
+def synthetic_buffer(device: torch.device, size: int = 3000, episode_length: int = 1000) -> ChunkReplayBuffer:
+    """Random transitions in the benchmark's shapes, episodes of ``episode_length`` steps (no ogbench needed)."""
+    rng = np.random.default_rng(0)
+    terminals = np.zeros(size, np.float32)
+    terminals[episode_length - 1::episode_length] = 1.0
+    arrays = {"observations": rng.standard_normal((size, BENCH_OBS_DIM), np.float32),
+              "actions": rng.uniform(-1, 1, (size, BENCH_ACTION_DIM)).astype(np.float32),
+              "next_observations": rng.standard_normal((size, BENCH_OBS_DIM), np.float32),
+              "rewards": -(rng.uniform(size=size) < 0.5).astype(np.float32), "masks": np.ones(size, np.float32),
+              "terminals": terminals}
+    return ChunkReplayBuffer.from_arrays(arrays, device)
 
-    dataset = load_offline_dataset(BENCH_ENV, dataset_dir, sparse=True)
-    hp = hyperparams_for_env(BENCH_ENV, "QAM", dataset.obs_dim, dataset.action_dim, size_overrides(size))
-    trainer = OfflineTrainer(hp, ChunkReplayBuffer.from_arrays(dataset.train, device), batch_size=SIZES[size]["batch"])
+
+def prepare_plain(method: str, size: str, steps: int, device: torch.device, dataset_dir: str, threads: int):
+    """The math core's loop: sample a chunk batch on-device, one optimisation step, repeat."""
+    trainer = OfflineTrainer.for_env(method, BENCH_ENV, synthetic_buffer(device), size_overrides(size),
+                                     batch_size=SIZES[size]["batch"])
     trainer.train(WARMUP_STEPS)
 
     def timed() -> float:
@@ -85,11 +101,11 @@ def prepare_plain(size: str, steps: int, device: torch.device, dataset_dir: str,
     return timed, lambda: None
 
 
-def bench_config(size: str, dataset_dir: str, steps: int):
-    """QAM on the benchmark dataset at ``size``, ``steps`` gradient steps per offline iteration."""
-    from qam_ray.rllib.algorithm import QAMConfig
+def bench_config(method: str, size: str, dataset_dir: str, steps: int):
+    """``method`` on the benchmark dataset at ``size``, ``steps`` gradient steps per offline iteration."""
+    from qam_ray.rllib import AgentConfig
 
-    return (QAMConfig().ogbench(BENCH_DOMAIN, task=BENCH_TASK, dataset_dir=dataset_dir)
+    return (AgentConfig().ogbench(BENCH_DOMAIN, task=BENCH_TASK, method=method, dataset_dir=dataset_dir)
             .training(**size_overrides(size), num_steps_per_iteration=steps,
                       train_batch_size_per_learner=SIZES[size]["batch"]))
 
@@ -97,8 +113,8 @@ def bench_config(size: str, dataset_dir: str, steps: int):
 def prepare_rllib(num_learners: int):
     """``Algorithm.train()`` with ``steps`` gradient steps per iteration, on a local or a remote learner."""
 
-    def prepare(size: str, steps: int, device: torch.device, dataset_dir: str, threads: int):
-        config = bench_config(size, dataset_dir, steps).learners(
+    def prepare(method: str, size: str, steps: int, device: torch.device, dataset_dir: str, threads: int):
+        config = bench_config(method, size, dataset_dir, steps).learners(
             num_learners=num_learners, num_cpus_per_learner=threads, num_gpus_per_learner=1 if device.type == "cuda" else 0)
         algo = config.build_algo()
         algo.learner_group.foreach_learner(lambda learner: learner.run_steps(WARMUP_STEPS, SIZES[size]["batch"]))
@@ -115,7 +131,7 @@ def prepare_rllib(num_learners: int):
 
 def write_offline_checkpoint(size: str, dataset_dir: str, path: str) -> str:
     """One offline iteration of one gradient step, saved with ``save_to_path``: where every online run starts."""
-    algo = bench_config(size, dataset_dir, 1).build_algo()
+    algo = bench_config("QAM", size, dataset_dir, 1).build_algo()
     try:
         algo.train()
         algo.save_to_path(path)
@@ -127,7 +143,7 @@ def write_offline_checkpoint(size: str, dataset_dir: str, path: str) -> str:
 def prepare_online(runners: int, size: str, device: torch.device, dataset_dir: str, checkpoint: str,
                    iterations: int, fragment: int, utd: float):
     """The online phase on ``runners`` EnvRunners after one warm-up iteration; ``timed()`` runs one ``train()``."""
-    config = bench_config(size, dataset_dir, 1).learners(num_gpus_per_learner=1 if device.type == "cuda" else 0)
+    config = bench_config("QAM", size, dataset_dir, 1).learners(num_gpus_per_learner=1 if device.type == "cuda" else 0)
     per_iteration = runners * fragment * config.horizon_length  # env steps (fewer if an episode ends mid-chunk)
     # The phase never ends (its end would evaluate) and never reaches an evaluation.
     config = (config.online((iterations + 2) * per_iteration + 1, utd_ratio=utd, start_training=0,
@@ -201,8 +217,11 @@ def write_records(path: str, records: list[dict]) -> None:
     if os.path.exists(path):
         with open(path) as f:
             existing = json.load(f)
-    keys = {(r["name"], r["size"], r["device"]) for r in records}
-    merged = [r for r in existing if (r["name"], r["size"], r["device"]) not in keys] + records
+    def key(record):  # records from before methods existed are QAM's
+        return record["name"], record.get("method", "QAM"), record["size"], record["device"]
+
+    keys = {key(r) for r in records}
+    merged = [r for r in existing if key(r) not in keys] + records
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(merged, f, indent=1)
@@ -224,29 +243,31 @@ def time_in_turns(prepared: dict, rounds: int) -> dict[str, list]:
     return times
 
 
-def update_benchmarks(args, device: torch.device, dataset_dir: str, common: dict) -> list[dict]:
+def update_benchmarks(args, device: torch.device, dataset_dir: str | None, common: dict) -> list[dict]:
     uses_ray = any(name in RAY_BENCHMARKS for name in args.only)
     with local_ray(max(2, torch.get_num_threads())) if uses_ray else contextlib.nullcontext():
         # All benchmarks are built first, then timed in turns, so slow drifts of a shared machine hit each alike;
         # the median over the repeats is recorded.
-        prepared = {name: BENCHMARKS[name](args.size, args.steps, device, dataset_dir, torch.get_num_threads())
-                    for name in args.only}
+        prepared = {(name, method): BENCHMARKS[name](method, args.size, args.steps, device, dataset_dir,
+                                                    torch.get_num_threads())
+                    for method in args.methods for name in args.only}
         times = time_in_turns(prepared, args.repeats)
     records = []
-    for name in prepared:
-        elapsed = statistics.median(times[name])
+    for (name, method) in prepared:
+        elapsed = statistics.median(times[name, method])
         result = rates(args.steps, elapsed)
-        records.append({"name": name, **result, "repeats": args.repeats,
-                        "seconds_per_update_all": [round(t / args.steps, 5) for t in times[name]],
+        records.append({"name": name, "method": method, **result, "repeats": args.repeats,
+                        "seconds_per_update_all": [round(t / args.steps, 5) for t in times[name, method]],
                         "steps": args.steps, **common})
-        print(f"{name:>14} {args.size:>5} {device.type}: {result['updates_per_s']:8.2f} updates/s "
+        print(f"{name:>14} {method:>6} {args.size:>5} {device.type}: {result['updates_per_s']:8.2f} updates/s "
               f"({result['seconds_per_update'] * 1e3:.1f} ms/update, median of {args.repeats})")
     # Ratios only within this run: same machine, same moment.
-    plain = next((r for r in records if r["name"] == "plain"), None)
+    plain = {r["method"]: r for r in records if r["name"] == "plain"}
     for record in records:
-        if plain is not None and record is not plain:
-            record["ratio_to_plain"] = record["updates_per_s"] / plain["updates_per_s"]
-            print(f"{record['name']:>14} / plain = {record['ratio_to_plain']:.3f}")
+        base = plain.get(record["method"])
+        if base is not None and record is not base:
+            record["ratio_to_plain"] = record["updates_per_s"] / base["updates_per_s"]
+            print(f"{record['name']:>14} {record['method']:>6} / plain = {record['ratio_to_plain']:.3f}")
     return records
 
 
@@ -281,7 +302,10 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--steps", type=int, default=20, help="timed updates per repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per benchmark, interleaved; median kept")
+    p.add_argument("--methods", nargs="+", default=["QAM"], choices=METHOD_NAMES, metavar="METHOD",
+                   help=f"paper labels: {', '.join(METHOD_NAMES)}")
     p.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    p.add_argument("--plain-only", action="store_true", help="only the plain loop: needs only torch and numpy")
     p.add_argument("--online", action="store_true", help="time the online phase on EnvRunners instead")
     p.add_argument("--runners", type=int, nargs="+", default=[1, 2, 4], help="online: EnvRunner counts")
     p.add_argument("--iterations", type=int, default=10, help="online: timed iterations per runner count after "
@@ -293,15 +317,20 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or all)")
     p.add_argument("--json", default=None, help="JSON file to add the records to")
     args = p.parse_args(argv)
+    if args.plain_only:
+        args.only = ["plain"]
+    if args.plain_only and args.online:
+        p.error("--plain-only times updates without Ray; --online needs Ray's EnvRunners")
     if args.threads or os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(args.threads or int(os.environ["OMP_NUM_THREADS"]))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    uses_data = args.online or any(name in RAY_BENCHMARKS for name in args.only)
     common = {"size": args.size, "device": device.type, "batch_size": SIZES[args.size]["batch"],
-              "dataset": BENCH_ENV + " (generated)",
+              "dataset": BENCH_ENV + (" (generated; plain: synthetic)" if uses_data else " shapes (synthetic)"),
               "git_commit": git_commit(os.path.dirname(os.path.abspath(__file__))), "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               **machine_info(device)}
-    dataset_dir = ensure_dataset(os.path.abspath(args.dataset_dir))
+    dataset_dir = ensure_dataset(os.path.abspath(args.dataset_dir)) if uses_data else None
     records = (online_benchmarks if args.online else update_benchmarks)(args, device, dataset_dir, common)
     if args.json:
         write_records(args.json, records)

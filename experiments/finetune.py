@@ -1,14 +1,14 @@
-"""Offline-to-online fine-tuning of QAM on OGBench: one Tune trial with EnvRunner rollouts, logged to MLflow.
+"""Offline-to-online fine-tuning on OGBench: one Tune trial per method with EnvRunner rollouts, logged to MLflow.
 
-    python experiments/finetune.py --preset smoke                  # tiny offline + online run on generated data (CI)
-    python experiments/finetune.py --preset paper --env cube-double-play-singletask-task2-v0 --variant QAM-E \
+    python experiments/finetune.py --preset smoke --methods QAM FQL  # tiny offline + online runs on generated data
+    python experiments/finetune.py --preset paper --env cube-double-play-singletask-task2-v0 --methods QAM-E \
         --dataset-dir /data/ogbench                               # 1M offline steps, then 500K online env steps
     python experiments/finetune.py --mlflow-run RUN_ID             # online phase of a finished sweep trial,
                                                                   # continuing its MLflow run on the same timeline
     python experiments/finetune.py --checkpoint runs/demo/checkpoint --env cube-single-play-singletask-task2-v0 \
         --dataset-dir data/generated --online-steps 50000          # from any algorithm checkpoint (train.py --out)
 
-The run is a one-trial sweep (``experiments/sweep.py`` presets ``smoke-online`` / ``paper-online``), so it has the
+The run is a sweep of one trial per method (``experiments/sweep.py`` presets ``smoke-online`` / ``paper-online``), so it has the
 sweep's checkpoints, retries, ``--resume`` and MLflow layout; every other flag is passed on to sweep.py
 (``--online-steps``, ``--utd-ratio``, ``--start-training``, ``--online-eval-every``, ``--env-runners``,
 ``--envs-per-env-runner``, ``--rollout-fragment-length``, ``--tracking-uri``, ``--storage-path``, ``--name``,
@@ -27,7 +27,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qam_ray.domains import VARIANTS, parse_singletask_name
+from qam_ray.agents import METHOD_NAMES
+from qam_ray.domains import parse_singletask_name
 
 SWEEP_PRESETS = {"smoke": "smoke-online", "paper": "paper-online"}
 
@@ -51,14 +52,16 @@ def parse_args(argv=None):
     source.add_argument("--checkpoint", help="start from this algorithm checkpoint (a save_to_path folder)")
     p.add_argument("--env", help="singletask name, e.g. cube-double-play-singletask-task2-v0 (smoke default: "
                                  "cube-single-play-singletask-task2-v0)")
-    p.add_argument("--variant", choices=VARIANTS, help="default QAM")
+    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, metavar="METHOD",
+                   help=f"paper labels (default QAM): {', '.join(METHOD_NAMES)}")
     p.add_argument("--seed", type=int)
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///<abs>/mlflow.db")
     args, passthrough = p.parse_known_args(argv)
-    if args.mlflow_run and (args.env or args.variant or args.seed is not None):
-        p.error("--mlflow-run takes the task, variant, seed and hyperparameters from the run; drop --env/--variant/--seed")
-    if args.checkpoint and not args.env:
-        p.error("--checkpoint needs --env (and --variant if not QAM) to build the matching algorithm")
+    if args.mlflow_run and (args.env or args.methods or args.seed is not None):
+        p.error("--mlflow-run takes the method, task, seed and hyperparameters from the run; "
+                "drop --env/--methods/--seed")
+    if args.checkpoint and (not args.env or len(args.methods or ["QAM"]) != 1):
+        p.error("--checkpoint needs --env and one method (--methods, default QAM) to build the matching algorithm")
     return p, args, passthrough
 
 
@@ -68,29 +71,29 @@ def sweep_argv(args, passthrough: list[str]) -> list[str]:
     if args.tracking_uri:
         argv += ["--tracking-uri", args.tracking_uri]
     if args.mlflow_run:
-        from qam_ray.tracking import default_tracking_uri, run_checkpoint
+        from qam_ray.orchestration.tracking import default_tracking_uri, run_checkpoint
 
         checkpoint, spec = run_checkpoint(args.tracking_uri or default_tracking_uri(os.getcwd()), args.mlflow_run)
         if spec.get("online_steps"):
             raise ValueError(f"run {args.mlflow_run} already has an online phase ({spec['online_steps']} env steps); "
                              "to finish an interrupted one, rerun its sweep with --resume")
-        argv += ["--domains", spec["domain"], "--tasks", str(spec["task"]), "--variants", spec["variant"],
+        argv += ["--domains", spec["domain"], "--tasks", str(spec["task"]), "--methods", spec["method"],
                  "--seeds", str(spec["seed"]), "--offline-checkpoint", checkpoint, "--continue-run", args.mlflow_run,
                  "--eval-episodes", str(spec["eval_episodes"]), "--batch-size", str(spec["batch_size"])]
         if spec["dataset_dir"]:
             argv += ["--dataset-dir", spec["dataset_dir"]]
         for key, value in spec["overrides"].items():
-            argv += ["--set", f"{key}={value!r}"]
+            argv += ["--set", f"{spec['method']}.{key}={value!r}"]
         name = f"finetune-{args.mlflow_run[:8]}"
     else:
         env = args.env or "cube-single-play-singletask-task2-v0"
         parsed = parse_singletask_name(env)
-        variant, seed = args.variant or "QAM", 0 if args.seed is None else args.seed
-        argv += ["--domains", parsed.domain_name, "--tasks", str(parsed.task), "--variants", variant,
+        methods, seed = args.methods or ["QAM"], 0 if args.seed is None else args.seed
+        argv += ["--domains", parsed.domain_name, "--tasks", str(parsed.task), "--methods", *methods,
                  "--seeds", str(seed)]
         if args.checkpoint:
             argv += ["--offline-checkpoint", args.checkpoint]
-        name = f"finetune-{args.preset}-{parsed.domain_name}-task{parsed.task}-{variant}-seed{seed}"
+        name = f"finetune-{args.preset}-{parsed.domain_name}-task{parsed.task}-{'-'.join(methods)}-seed{seed}"
     if "--name" not in passthrough:
         argv += ["--name", name]
     return argv + passthrough

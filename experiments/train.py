@@ -1,12 +1,14 @@
-"""Train QAM offline on one OGBench singletask dataset with the RLlib algorithm, evaluating on the env.
+"""Train methods offline on one OGBench singletask dataset with the RLlib algorithm, evaluating on the env.
 
     python experiments/train.py --env cube-single-play-singletask-task2-v0 --dataset-dir data/generated \
-        --steps 20000 --eval-every 5000 --eval-episodes 50 --set "actor_hidden_dims=(256,256)" --out runs/demo
+        --methods QAM FQL --steps 20000 --eval-every 5000 --eval-episodes 50 --set "actor_hidden_dims=(256,256)" \
+        --out runs/demo
 
-Per-domain hyperparameters come from the registry (``QAMConfig.ogbench``); ``--set key=value`` overrides any
-QAM hyperparameter (``QAMHyperparams`` names; values are Python literals).  ``--learners N`` trains on N remote
-learners (gradients averaged), ``--gpus-per-learner`` puts them (or the local learner) on GPUs.  Writes
-config.json, metrics.csv, eval.csv and an RLlib checkpoint to --out.  Without RAY_ADDRESS a local Ray starts.
+Each method trains in turn with its per-domain hyperparameters from the registry (``AgentConfig.ogbench``);
+``--set KEY=VALUE`` overrides a hyperparameter of every method that has it, ``--set METHOD.KEY=VALUE`` of one
+(values are Python literals).  ``--learners N`` trains on N remote learners (gradients averaged),
+``--gpus-per-learner`` puts them (or the local learner) on GPUs.  Writes config.json, metrics.csv, eval.csv and an
+RLlib checkpoint to --out (to --out/<method> with several methods).  Without RAY_ADDRESS a local Ray starts.
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo; also silences GLFW's DISPLAY warning
 
-from qam_ray.domains import VARIANTS, parse_singletask_name
-from qam_ray.training import hyperparams_for_env, parse_overrides
+from qam_ray.agents import METHOD_NAMES, make_hyperparams
+from qam_ray.domains import parse_singletask_name
+from qam_ray.orchestration.presets import method_overrides, override_errors, parse_overrides
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env", required=True, help="singletask name, e.g. cube-double-play-singletask-task2-v0")
     p.add_argument("--dataset-dir", default=None, help="folder with <dataset>.npz files (default: OGBench's download dir)")
-    p.add_argument("--variant", default="QAM", choices=VARIANTS)
+    p.add_argument("--methods", nargs="+", default=["QAM"], choices=METHOD_NAMES, metavar="METHOD",
+                   help=f"paper labels, trained one after another: {', '.join(METHOD_NAMES)}")
     p.add_argument("--steps", type=int, default=1_000_000, help="offline gradient steps")
     p.add_argument("--batch-size", type=int, default=256, help="per learner")
     p.add_argument("--log-every", type=int, default=1000, help="gradient steps per training iteration")
@@ -43,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--gpus-per-learner", type=float, default=0, help="fractional values share a GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads here (default: OMP_NUM_THREADS or all)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[METHOD.]KEY=VALUE")
     p.add_argument("--out", default=None, help="output folder for config, metrics, evaluations and checkpoint")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "log_every", "eval_episodes"):
@@ -54,18 +59,23 @@ def parse_args(argv=None):
     # Fail on bad names and overrides before Ray or the dataset load.
     try:
         args.overrides = parse_overrides(args.overrides)
-        hyperparams_for_env(args.env, args.variant, 1, 1, args.overrides)
-    except (ValueError, TypeError) as exc:
+        errors = override_errors(args.overrides, args.methods)
+        if errors:
+            p.error("\n  ".join(errors))
+        for method in args.methods:
+            make_hyperparams(method, args.env, 1, 1, method_overrides(args.overrides, method))
+    except ValueError as exc:
         p.error(str(exc))
     return args
 
 
-def build_config(args):
-    from qam_ray.rllib.algorithm import build_qam_config
+def build_config(args, method: str):
+    from qam_ray.rllib import build_agent_config
 
     name = parse_singletask_name(args.env)
-    return build_qam_config(
-        name.domain_name, name.task, args.variant, dataset_dir=args.dataset_dir, overrides=args.overrides,
+    return build_agent_config(
+        method, name.domain_name, name.task, dataset_dir=args.dataset_dir,
+        overrides=method_overrides(args.overrides, method),
         steps_per_iteration=args.log_every, batch_size=args.batch_size,
         # An interval is always set so the evaluation EnvRunners exist; eval_every=0 evaluates at the end.
         eval_interval=max(1, (args.eval_every or args.steps) // args.log_every), eval_episodes=args.eval_episodes,
@@ -94,33 +104,40 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import ray
     import torch
+
+    if args.threads or os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(args.threads or int(os.environ["OMP_NUM_THREADS"]))
+    configs = {method: build_config(args, method) for method in args.methods}
+    for config in configs.values():
+        config.validate()
+    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    for method, config in configs.items():
+        out = args.out and os.path.abspath(args.out if len(configs) == 1 else os.path.join(args.out, method))
+        train_one(args, method, config, out)
+    return 0
+
+
+def train_one(args, method: str, config, out: str | None) -> None:
+    """Train ``method`` for ``args.steps`` steps, evaluating on the schedule and at the end; write to ``out``."""
     from tqdm import tqdm
 
     from qam_ray.data.ogbench_data import DatasetError, DatasetUnavailableError
 
-    if args.threads or os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(args.threads or int(os.environ["OMP_NUM_THREADS"]))
-    config = build_config(args)
-    config.validate()
-    if args.out:
-        args.out = os.path.abspath(args.out)
-        os.makedirs(args.out, exist_ok=True)
-    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    if out:
+        os.makedirs(out, exist_ok=True)
     try:
         algo = config.build_algo()
     except (DatasetError, DatasetUnavailableError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    summary = {"env": args.env, "variant": args.variant, "seed": args.seed, "steps": args.steps,
-               "learners": args.learners, **algo.dataset_info,
-               "hyperparams": vars(config.qam_hyperparams(config.observation_space.shape[0],
-                                                          config.action_space.shape[0] // config.horizon_length))}
+    summary = {"env": args.env, "method": method, "seed": args.seed, "steps": args.steps,
+               "learners": args.learners, **algo.dataset_info, "hyperparams": vars(config.hyperparams_for_spaces())}
     print(json.dumps(summary, indent=1, default=str))
-    if args.out:
-        with open(os.path.join(args.out, "config.json"), "w") as f:
+    if out:
+        with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(summary, f, indent=1, default=str)
 
     start, step, last_eval = time.time(), 0, None
-    with tqdm(total=args.steps, unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=args.steps, unit="step", dynamic_ncols=True, desc=method) as bar:
         while step < args.steps:
             result = algo.train()
             step = int(result["num_gradient_steps_lifetime"])
@@ -128,24 +145,23 @@ def main(argv=None) -> int:
             row = {"step": step, **{k: round(float(v), 6) for k, v in sorted(metrics.items())}}
             bar.update(args.log_every)
             bar.set_postfix(loss=f"{row['total_loss']:.3g}", q=f"{row['q_mean']:.3g}", ups=f"{row['updates_per_s']:.1f}")
-            if args.out:
-                append_csv(os.path.join(args.out, "metrics.csv"), row)
+            if out:
+                append_csv(os.path.join(out, "metrics.csv"), row)
             if "evaluation" in result:
                 last_eval = eval_row(step, result["evaluation"], time.time() - start)
-                tqdm.write("eval: " + json.dumps(last_eval))
-                if args.out:
-                    append_csv(os.path.join(args.out, "eval.csv"), last_eval)
+                tqdm.write(f"{method} eval: " + json.dumps(last_eval))
+                if out:
+                    append_csv(os.path.join(out, "eval.csv"), last_eval)
     if last_eval is None or last_eval["step"] != step:
         last_eval = eval_row(step, algo.evaluate(), time.time() - start)
-        print("eval: " + json.dumps(last_eval))
-        if args.out:
-            append_csv(os.path.join(args.out, "eval.csv"), last_eval)
-    if args.out:
-        algo.save_to_path(os.path.join(args.out, "checkpoint"))
+        print(f"{method} eval: " + json.dumps(last_eval))
+        if out:
+            append_csv(os.path.join(out, "eval.csv"), last_eval)
+    if out:
+        algo.save_to_path(os.path.join(out, "checkpoint"))
     algo.stop()
-    print(f"done: {step} steps in {time.time() - start:.0f} s, "
+    print(f"{method} done: {step} steps in {time.time() - start:.0f} s, "
           f"success rate {last_eval['success_rate']:.3f} over {last_eval['episodes']} episodes")
-    return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ CASES = {
 }
 ROUTES = {
     "qam": {"critic": "critic", "flow": "actor_slow", "adjoint": "actor_fast", "one_step": "one_step_actor",
-            "edit": "edit_actor", "alpha": "edit_log_alpha"},
+            "edit": "edit_actor", "alpha": "edit_alpha"},
     "fql": {"critic": "critic", "bc_flow": "actor_bc_flow", "distill": "actor_onestep_flow", "q": "actor_onestep_flow"},
     "bam": {"critic": "critic", "flow": "actor_slow", "bam": "actor_fast"},
     "ifql": {"value": "value", "critic": "critic", "actor": "actor_flow"},
@@ -96,8 +96,7 @@ def test_each_loss_term_reaches_only_its_own_module(case):
     losses = agent.losses(batch(), draws(agent))
     routes = ROUTES[agent.name]
     torch.testing.assert_close(losses.total, sum(losses.terms.values()))
-    modules = {name: [getattr(agent, name)] if isinstance(getattr(agent, name), torch.nn.Parameter)
-               else list(getattr(agent, name).parameters()) for name in set(routes.values()) if hasattr(agent, name)}
+    modules = {name: list(getattr(agent, name).parameters()) for name in set(routes.values()) if hasattr(agent, name)}
     for term, value in losses.terms.items():
         assert math.isfinite(float(value.detach()))
         for module, params in modules.items():

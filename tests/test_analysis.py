@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from qam_ray import analysis
+from qam_ray.orchestration import analysis
 
 # success rates (fraction) of the last evaluation: (domain, task, seed) -> value
 FINAL = {
@@ -25,12 +25,12 @@ def tracking_uri(tmp_path_factory):
     experiment = mlflow.create_experiment("qam_ray")
     with mlflow.start_run(experiment_id=experiment, tags={"sweep": "s1"}) as parent:  # the parent: no domain tag
         for (domain, task, seed), final in FINAL.items():
-            tags = {"mlflow.parentRunId": parent.info.run_id, "sweep": "s1", "variant": "QAM", "domain": domain,
+            tags = {"mlflow.parentRunId": parent.info.run_id, "sweep": "s1", "method": "QAM", "domain": domain,
                     "task": str(task), "seed": str(seed), "dataset_source": "generated"}
             with mlflow.start_run(experiment_id=experiment, tags=tags, nested=True):
                 mlflow.log_metric(analysis.SUCCESS_METRIC, 0.1, step=1000)
                 mlflow.log_metric(analysis.SUCCESS_METRIC, final, step=2000)
-    with mlflow.start_run(experiment_id=experiment, tags={"sweep": "other", "variant": "QAM", "domain": "scene-play",
+    with mlflow.start_run(experiment_id=experiment, tags={"sweep": "other", "method": "QAM", "domain": "scene-play",
                                                           "task": "1", "seed": "5", "dataset_source": "official"}):
         mlflow.log_metric(analysis.SUCCESS_METRIC, 0.0, step=10)
     return uri

@@ -25,9 +25,10 @@ def history(client, run, key):
 
 
 def test_paper_online_dry_run_lists_every_trial(capsys):
-    assert sweep.main(["--preset", "paper-online", "--dry-run", "--dataset-dir", "/data/ogbench"]) == 0
+    assert sweep.main(["--preset", "paper-online", "--methods", "QAM", "FQL", "BAM", "--dry-run",
+                       "--dataset-dir", "/data/ogbench"]) == 0
     out = capsys.readouterr().out
-    assert "1800 trials" in out and "500000" in out
+    assert "1800 trials" in out and "+ 500,000 online env steps" in out
 
 
 def test_online_flags_are_validated_before_ray(capsys, tmp_path):
@@ -41,28 +42,35 @@ def test_online_flags_are_validated_before_ray(capsys, tmp_path):
     with pytest.raises(SystemExit):
         finetune.main(["--checkpoint", str(tmp_path)])
     assert "--checkpoint needs --env" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        finetune.main(["--checkpoint", str(tmp_path), "--env", "cube-single-play-singletask-task2-v0",
+                       "--methods", "QAM", "FQL"])
+    assert "one method" in capsys.readouterr().err
 
 
-def test_finetune_smoke_runs_offline_then_online_in_one_run(local_ray, tiny_dataset_dir, tmp_path):
+def test_finetune_smoke_runs_each_method_offline_then_online_in_one_run(local_ray, tiny_dataset_dir, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert finetune.main(["--preset", "smoke", "--dataset-dir", tiny_dataset_dir, "--tracking-uri", uri,
-                          "--storage-path", str(tmp_path / "results"), "--name", "ft"]) == 0
+    assert finetune.main(["--preset", "smoke", "--methods", "QAM", "FQL", "--dataset-dir", tiny_dataset_dir,
+                          "--tracking-uri", uri, "--storage-path", str(tmp_path / "results"), "--name", "ft"]) == 0
     client, runs = trial_runs(uri, "ft")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    run = runs[0]
-    # offline: gradient steps 4, 8; online: 8 + env steps (2 EnvRunners × 5 chunks × 5 steps = 50 per iteration)
-    assert [s for s, _ in history(client, run, "train/total_loss")] == [4, 8, 108]  # updates start after 50 steps
-    assert history(client, run, "online/env_steps") == [(58, 50.0), (108, 100.0)]
-    assert [s for s, _ in history(client, run, "eval/success_rate")] == [8, 108]  # end of each phase
-    assert history(client, run, "online/buffer_size")[-1][1] == history(client, run, "online/buffer_size")[0][1] + 50
-    assert {"perf/env_steps_per_s", "perf/sample_s", "perf/update_s"} <= set(run.data.metrics)
-    assert run.data.params["online_steps"] == "100" and run.data.params["env_runners"] == "2"
+    assert sorted(r.data.tags["method"] for r in runs) == ["FQL", "QAM"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        # offline: gradient steps 4, 8; online: 8 + env steps (2 EnvRunners × 5 chunks × 5 steps = 50 per iteration)
+        assert [s for s, _ in history(client, run, "train/total_loss")] == [4, 8, 108]  # updates after 50 steps
+        assert history(client, run, "online/env_steps") == [(58, 50.0), (108, 100.0)]
+        assert [s for s, _ in history(client, run, "eval/success_rate")] == [8, 108]  # end of each phase
+        buffer = history(client, run, "online/buffer_size")
+        assert buffer[-1][1] == buffer[0][1] + 50
+        assert {"perf/env_steps_per_s", "perf/sample_s", "perf/update_s"} <= set(run.data.metrics)
+        assert run.data.params["online_steps"] == "100" and run.data.params["env_runners"] == "2"
 
 
 def test_finetune_continues_a_finished_offline_trial_run(local_ray, tiny_dataset_dir, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["--dataset-dir", tiny_dataset_dir, "--tracking-uri", uri, "--storage-path", str(tmp_path / "results")]
-    assert sweep.main(["--preset", "smoke", "--seeds", "0", "--name", "offline", *common]) == 0
+    assert sweep.main(["--preset", "smoke", "--methods", "FQL", "--seeds", "0", "--name", "offline",
+                       "--set", "FQL.alpha=7.0", *common]) == 0
     client, (offline_run,) = trial_runs(uri, "offline")
     assert finetune.main(["--preset", "smoke", "--mlflow-run", offline_run.info.run_id, "--tracking-uri", uri,
                           "--storage-path", str(tmp_path / "results"), "--online-steps", "50",
@@ -71,6 +79,7 @@ def test_finetune_continues_a_finished_offline_trial_run(local_ray, tiny_dataset
     assert new_runs == []  # no new trial run: the offline one continues
     run = client.get_run(offline_run.info.run_id)
     assert run.info.status == "FINISHED" and run.data.params["online_steps"] == "50"
+    assert run.data.tags["method"] == "FQL" and run.data.params["alpha"] == "7.0"  # the run's own hyperparameters
     assert [s for s, _ in history(client, run, "train/total_loss")] == [4, 8, 58]  # one timeline
     assert [s for s, _ in history(client, run, "eval/success_rate")] == [8, 58]
     with pytest.raises(SystemExit):  # fine-tuned once: it cannot start another online phase

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
-from qam_ray.rllib.algorithm import QAMConfig, online_updates
+from qam_ray.rllib import AgentConfig, QAMConfig
+from qam_ray.rllib.algorithm import online_updates
 from qam_ray.rllib.chunk_env import episode_transitions
 
 TINY = dict(actor_hidden_dims=(16, 16), value_hidden_dims=(16, 16), num_qs=2, flow_steps=3,
@@ -68,9 +69,9 @@ def test_online_config_validation_names_the_problem(tmp_path):
     assert "online_steps=0" in message and "utd_ratio=0" in message and "no learner_group/ folder" in message
 
 
-def offline_checkpoint(dataset_dir, path, domain="cube-single-play", **variant):
-    algo = (QAMConfig().ogbench(domain, task=2, dataset_dir=dataset_dir).training(**TINY, **variant).debugging(seed=3)
-            .build_algo())
+def offline_checkpoint(dataset_dir, path, domain="cube-single-play", method="QAM", **variant):
+    algo = (AgentConfig().ogbench(domain, task=2, method=method, dataset_dir=dataset_dir).training(**TINY, **variant)
+            .debugging(seed=3).build_algo())
     try:
         algo.train()
         algo.save_to_path(str(path))
@@ -80,8 +81,9 @@ def offline_checkpoint(dataset_dir, path, domain="cube-single-play", **variant):
 
 
 def online_config(dataset_dir, checkpoint, domain="cube-single-play", runners=2, online_steps=500,
-                  start_training=PER_ITERATION, **variant):
-    return (QAMConfig().ogbench(domain, task=2, dataset_dir=dataset_dir).training(**TINY, **variant).debugging(seed=3)
+                  start_training=PER_ITERATION, method="QAM", **variant):
+    return (AgentConfig().ogbench(domain, task=2, method=method, dataset_dir=dataset_dir).training(**TINY, **variant)
+            .debugging(seed=3)
             .online(online_steps, start_training=start_training, eval_every=250, offline_checkpoint=checkpoint)
             .env_runners(num_env_runners=runners, num_cpus_per_env_runner=0.5, rollout_fragment_length=FRAGMENT)
             .evaluation(evaluation_duration=2))
@@ -89,7 +91,7 @@ def online_config(dataset_dir, checkpoint, domain="cube-single-play", runners=2,
 
 def learner_state(algo):
     return algo.learner_value(lambda learner: (
-        learner.buffer.rows(0), learner.gradient_steps, learner.qam_module.get_state()))
+        learner.buffer.rows(0), learner.gradient_steps, learner.agent_module.get_state()))
 
 
 @pytest.fixture(scope="module")
@@ -196,11 +198,19 @@ def test_sparse_domain_stores_online_rewards_like_its_dataset(local_ray, tiny_pu
     np.testing.assert_array_equal(rows["observations"][1:], rows["next_observations"][:-1])  # one env, in order
 
 
-@pytest.mark.parametrize("variant", [{"edit_scale": 0.1}, {"fql_alpha": 30.0}], ids=["QAM-E", "QAM-F"])
-def test_edit_and_one_step_variants_fine_tune_online(local_ray, tiny_dataset_dir, tmp_path, variant):
-    """QAM-E acts through its edit policy and QAM-F through its one-step policy; both reach the EnvRunners."""
-    offline_checkpoint(tiny_dataset_dir, tmp_path / "offline", **variant)
-    algo = online_config(tiny_dataset_dir, str(tmp_path / "offline"), runners=1, start_training=0,
+ACTING_MODULES = {"QAM-E": {"actor_fast", "edit_actor"}, "QAM-F": {"one_step_actor"}, "FQL": {"actor_onestep_flow"},
+                  "BAM": {"actor_fast"}, "IFQL": {"actor_flow", "critic"}}
+
+
+@pytest.mark.parametrize("method, variant", [("QAM-E", {"edit_scale": 0.1}), ("QAM-F", {"fql_alpha": 30.0}),
+                                             ("FQL", {}), ("BAM", {}), ("IFQL", {"num_samples": 4})],
+                         ids=["QAM-E", "QAM-F", "FQL", "BAM", "IFQL"])
+def test_every_method_fine_tunes_online_with_its_acting_modules_on_the_env_runners(
+        local_ray, tiny_dataset_dir, tmp_path, method, variant):
+    """Each method acts through its own policy (QAM-E's edit, QAM-F's and FQL's one-step policy, BAM's f_θ, IFQL's
+    flow ranked by the critic); exactly those modules live on the EnvRunners and are synced after the updates."""
+    offline_checkpoint(tiny_dataset_dir, tmp_path / "offline", method=method, **variant)
+    algo = online_config(tiny_dataset_dir, str(tmp_path / "offline"), runners=1, start_training=0, method=method,
                          **variant).build_algo()
     try:
         result = algo.train()
@@ -210,7 +220,6 @@ def test_edit_and_one_step_variants_fine_tune_online(local_ray, tiny_dataset_dir
         algo.stop()
     assert result["online"]["updates"] == FRAGMENT * HORIZON and np.isfinite(
         result["learners"]["default_policy"]["total_loss"])
-    head = "edit_actor" if "edit_scale" in variant else "one_step_actor"
-    assert any(head in key for key in runner), sorted(runner)  # the variant's acting head is synced
+    assert {key.split(".")[1] for key in runner} == ACTING_MODULES[method], sorted(runner)
     for key, value in runner.items():
         np.testing.assert_array_equal(value, learner[key], err_msg=key)

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from qam_ray.rllib.algorithm import QAM, QAMConfig
+from qam_ray.rllib import FQL, QAM, AgentAlgorithm, AgentConfig, FQLConfig, IFQLConfig, QAMConfig
 from qam_ray.training import NonFiniteLossError
 
 TINY = dict(actor_hidden_dims=(16, 16), value_hidden_dims=(16, 16), num_qs=2, flow_steps=3,
             num_steps_per_iteration=4, train_batch_size_per_learner=8)
 
 
-def tiny_config(dataset_dir, **learners):
-    return (QAMConfig()
+def tiny_config(dataset_dir, method="QAM", **learners):
+    config_class = {"QAM": QAMConfig, "FQL": FQLConfig}[method]
+    return (config_class()
             .ogbench("cube-single-play", task=2, dataset_dir=dataset_dir)
             .training(**TINY)
             .learners(**learners)
@@ -23,14 +24,14 @@ def tiny_config(dataset_dir, **learners):
 
 def learner_losses(result):
     metrics = result["learners"]["default_policy"]
-    return {k: float(metrics[k]) for k in ("total_loss", "critic_loss", "flow_loss", "adj_loss")}
+    return {k: float(v) for k, v in metrics.items() if k.endswith("loss")}
 
 
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="env_name is not set"):
         QAMConfig().validate()
-    with pytest.raises(ValueError, match="variant='QAM-X'"):
-        QAMConfig().ogbench("cube-double-play", task=1, variant="QAM-X")
+    with pytest.raises(ValueError, match="method='QAM-X'"):
+        QAMConfig().ogbench("cube-double-play", task=1, method="QAM-X")
     config = QAMConfig().training(num_steps_per_iteration=0, fql_alpha=1.0, edit_scale=0.1)
     config.env_name = "cube-double-play-singletask-task1-v0"
     with pytest.raises(ValueError) as err:
@@ -39,10 +40,21 @@ def test_config_validation_names_the_field():
 
 
 def test_ogbench_preset_fills_the_registry_values():
-    config = QAMConfig().ogbench("puzzle-4x4-play", task=3, variant="QAM-E")
+    config = QAMConfig().ogbench("puzzle-4x4-play", task=3, method="QAM-E")
     assert (config.env_name, config.inv_temp, config.edit_scale, config.horizon_length, config.sparse) == (
         "puzzle-4x4-play-singletask-task3-v0", 0.1, 0.9, 5, True)
     assert config.action_space.shape == (25,) and config.observation_space.shape == (83,)
+    # Per-family classes: FQL's defaults, its per-domain α, and RLlib's own names for γ / clip.
+    fql = FQLConfig().ogbench("antmaze-giant-navigate", task=1)
+    assert (fql.method, fql.alpha, fql.gamma, fql.grad_clip, fql.horizon_length) == ("FQL", 3.0, 0.995, None, 1)
+    assert fql.algo_class is FQL and not hasattr(fql, "inv_temp")
+    assert IFQLConfig().training(kappa=0.7).kappa == 0.7
+    # The generic config switches families, resetting the hyperparameters to the new family's defaults; a
+    # per-family config refuses another family's method.
+    switched = AgentConfig().training(inv_temp=5.0).ogbench("scene-play", task=1, method="FQL")
+    assert switched.alpha == 300.0 and not hasattr(switched, "inv_temp") and switched.grad_clip is None
+    with pytest.raises(ValueError, match="use FQLConfig or AgentConfig"):
+        QAMConfig().ogbench("scene-play", task=1, method="FQL")
 
 
 def test_local_learner_trains_and_evaluates(local_ray, tiny_dataset_dir):
@@ -80,7 +92,7 @@ def test_two_learners_average_gradients(local_ray, tiny_dataset_dir):
     try:
         algo.train()
         states = algo.learner_group.foreach_learner(
-            lambda learner: (learner.qam_module.get_state(), learner._generator.get_state())
+            lambda learner: (learner.agent_module.get_state(), learner._generator.get_state())
         )
         (weights_a, gen_a), (weights_b, gen_b) = [r.get() for r in states]
     finally:
@@ -90,25 +102,32 @@ def test_two_learners_average_gradients(local_ray, tiny_dataset_dir):
         np.testing.assert_array_equal(weights_a[key], weights_b[key], err_msg=key)
 
 
-def test_checkpoint_restore_continues_identically(local_ray, tiny_dataset_dir, tmp_path):
-    algo = tiny_config(tiny_dataset_dir).build_algo()
+@pytest.mark.parametrize("method, algo_class", [("QAM", QAM), ("FQL", FQL)])
+def test_checkpoint_restore_continues_identically(local_ray, tiny_dataset_dir, tmp_path, method, algo_class):
+    algo = tiny_config(tiny_dataset_dir, method).build_algo()
     try:
         algo.train()
         algo.save_to_path(str(tmp_path / "ckpt"))
         expected = learner_losses(algo.train())
     finally:
         algo.stop()
-    restored = QAM.from_checkpoint(str(tmp_path / "ckpt"))
+    assert len(expected) >= 4  # every loss term of the method, compared exactly
+    restored = algo_class.from_checkpoint(str(tmp_path / "ckpt"))
     try:
         assert learner_losses(restored.train()) == expected
     finally:
         restored.stop()
-    fresh = tiny_config(tiny_dataset_dir).build_algo()
+    fresh = tiny_config(tiny_dataset_dir, method).build_algo()
     try:
         fresh.restore_from_path(str(tmp_path / "ckpt"))
         assert learner_losses(fresh.train()) == expected
     finally:
         fresh.stop()
+    generic = AgentAlgorithm.from_checkpoint(str(tmp_path / "ckpt"))  # the checkpoint knows its method
+    try:
+        assert generic.config.method == method and type(generic.config).__name__ == f"{method}Config"
+    finally:
+        generic.stop()
 
 
 def test_rl_module_from_checkpoint_is_a_usable_policy(local_ray, tiny_dataset_dir, tmp_path):

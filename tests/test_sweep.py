@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qam_ray import analysis
+from qam_ray.orchestration import analysis
+from qam_ray.orchestration.presets import TINY
 
 ROOT = Path(__file__).parents[1]
 
@@ -22,21 +23,36 @@ def load_script(name):
 
 
 sweep = load_script("sweep")
+SMOKE_METHODS = ("QAM", "FQL", "BAM", "IFQL")
+AGENTS = {"QAM": "qam", "FQL": "fql", "BAM": "bam", "IFQL": "ifql"}
+OWN_PARAM = {"QAM": ("inv_temp", "1.0"), "FQL": ("alpha", "300.0"), "BAM": ("inv_temp", "10.0"), "IFQL": ("kappa", "0.9")}
 
 
 def test_paper_preset_dry_run_lists_every_trial(capsys):
     assert sweep.main(["--preset", "paper", "--dry-run", "--dataset-dir", "/data/ogbench"]) == 0
+    assert "600 trials" in capsys.readouterr().out  # QAM by default: 10 domains × 5 tasks × 12 seeds
+    methods = ["QAM", "QAM-E", "QAM-F", "FQL", "BAM", "IFQL"]
+    assert sweep.main(["--preset", "paper", "--methods", *methods, "--dry-run", "--dataset-dir", "/data/ogbench"]) == 0
     captured = capsys.readouterr()
     out = captured.out
-    assert "1800 trials" in out  # 10 domains × 5 tasks × 12 seeds × 3 variants
+    assert "3600 trials" in out  # × 6 methods
     assert "cube-quadruple-play, puzzle-4x4-play on their 100M-transition datasets" in captured.err
-    assert "humanoidmaze-large-navigate" in out and "120012" in out
+    header = next(line for line in out.splitlines() if line.startswith("method"))
+    assert header.split()[1:] == sorted(methods)  # trials per method × domain
+    row = next(line for line in out.splitlines() if line.startswith("humanoidmaze-large-navigate"))
+    assert row.split()[1:] == ["60"] * 6 and "120012" in out
+    assert sweep.main(["--preset", "paper", "--methods", "FQL", "--dry-run", "-v", "--dataset-dir", "/d"]) == 0
+    assert len([line for line in capsys.readouterr().out.splitlines() if " FQL " in line]) == 600  # one row each
 
 
 def test_bad_options_fail_before_ray(capsys):
     for argv, message in ((["--tasks", "6"], "tasks are 1..5"), (["--set", "inv_temperature=1"], "unknown hyperparameter"),
                           (["--eval-every", "300"], "must be a multiple"),
-                          (["--preset", "search", "--variants", "QAM", "QAM-E"], "one domain, task and variant")):
+                          (["--preset", "search", "--methods", "QAM", "QAM-E"], "one domain, task and method"),
+                          (["--methods", "QAM", "CQL"], "known methods are QAM, QAM-E"),
+                          (["--methods", "QAM", "FQL", "--set", "BAM.inv_temp=3"], "'BAM' is not a method of this sweep"),
+                          (["--methods", "FQL", "--set", "FQL.kappa=0.9"], "FQL has no hyperparameter 'kappa'"),
+                          (["--methods", "FQL", "--set", "alpha=-1"], "alpha=-1: must be a finite number >= 0")):
         with pytest.raises(SystemExit):
             sweep.main(["--preset", "smoke", "--dry-run", *argv])
         assert message in capsys.readouterr().err
@@ -52,8 +68,8 @@ def test_missing_dataset_names_the_generator(tmp_path):
 def smoke_sweep(local_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root}/mlflow.db"
-    argv = ["--preset", "smoke", "--dataset-dir", str(root / "data"), "--storage-path", str(root / "results"),
-            "--tracking-uri", uri, "--name", "smoke-test"]
+    argv = ["--preset", "smoke", "--methods", *SMOKE_METHODS, "--dataset-dir", str(root / "data"),
+            "--storage-path", str(root / "results"), "--tracking-uri", uri, "--name", "smoke-test"]
     assert sweep.main(argv) == 0
     return root, uri, argv
 
@@ -66,44 +82,51 @@ def trial_runs(uri):
     return client, client.search_runs([experiment.experiment_id], filter_string="tags.sweep = 'smoke-test'")
 
 
-def test_smoke_sweep_logs_parent_and_child_runs(smoke_sweep):
+def test_smoke_sweep_logs_one_child_run_per_method_and_seed(smoke_sweep):
     _, uri, _ = smoke_sweep
     client, runs = trial_runs(uri)
     parents = [r for r in runs if r.data.tags["qam_ray.role"] == "sweep"]
     children = [r for r in runs if r.data.tags["qam_ray.role"] == "trial"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted((r.data.tags["method"], r.data.tags["seed"]) for r in children) == sorted(
+        (m, s) for m in SMOKE_METHODS for s in ("0", "1"))
     for run in children:
-        tags = run.data.tags
+        tags, method = run.data.tags, run.data.tags["method"]
         assert tags["mlflow.parentRunId"] == parents[0].info.run_id and run.info.status == "FINISHED"
-        assert {tags[k] for k in ("algo", "variant", "domain", "task", "dataset_source")} == {
-            "QAM", "cube-single-play", "2", "generated"}
+        assert (tags["agent"], tags["domain"], tags["task"], tags["dataset_source"]) == (
+            AGENTS[method], "cube-single-play", "2", "generated")
+        assert run.info.run_name == f"{method} cube-single-play t2 s{tags['seed']}"
         assert tags["env_name"] == "cube-single-play-singletask-task2-v0" and tags["git_commit"]
-        assert run.data.params["inv_temp"] == "1.0" and run.data.params["num_qs"] == "2"
+        key, value = OWN_PARAM[method]  # the method's own per-domain value (cube-single takes cube-double's)
+        assert run.data.params[key] == value and run.data.params["num_qs"] == "2"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train/total_loss")] == [4, 8]
         assert [m.step for m in client.get_metric_history(run.info.run_id, analysis.SUCCESS_METRIC)] == [8]
         assert "perf/updates_per_s" in run.data.metrics
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"learning_curve.png", "checkpoint_reference.json", "config"} <= artifacts
-    assert sorted(r.data.tags["seed"] for r in children) == ["0", "1"]
 
 
 def test_resume_adds_no_runs_and_analysis_reads_the_sweep(smoke_sweep, tmp_path):
     root, uri, argv = smoke_sweep
     assert sweep.main([*argv, "--resume"]) == 0
     _, runs = trial_runs(uri)
-    assert len(runs) == 3  # still one parent and two trials
+    assert len(runs) == 1 + 2 * len(SMOKE_METHODS)  # still one parent and one trial per method and seed
     analyze = load_script("analyze")
     assert analyze.main(["--tracking-uri", uri, "--sweep", "smoke-test", "--out", str(tmp_path / "a")]) == 0
-    assert "cube-single-play" in (tmp_path / "a" / "table.md").read_text()
+    table = (tmp_path / "a" / "table.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| domain"))
+    assert [cell.strip() for cell in header.strip("|").split("|")][1:] == sorted(SMOKE_METHODS)  # a column each
+    row = next(line for line in table if line.startswith("| cube-single-play"))
+    assert row.count("(2 seeds, 8 steps) [generated data] / paper") == 4
 
 
 def test_search_preset_runs_optuna_trials_with_distinct_hyperparameters(local_ray, tiny_dataset_dir, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    argv = ["--preset", "search", "--domains", "cube-single-play", "--tasks", "2", "--variants", "QAM-E",
+    argv = ["--preset", "search", "--domains", "cube-single-play", "--tasks", "2", "--methods", "QAM-E",
             "--num-samples", "2", "--max-concurrent", "2", "--steps", "8", "--steps-per-iteration", "4",
             "--eval-every", "4", "--eval-episodes", "1", "--dataset-dir", tiny_dataset_dir,
             "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri, "--name", "search-test"]
-    for key, value in sweep.TINY.items():
+    for key, value in TINY.items():
         argv += ["--set", f"{key}={value!r}"]
     assert sweep.main(argv) == 0
     from mlflow.tracking import MlflowClient
@@ -115,4 +138,4 @@ def test_search_preset_runs_optuna_trials_with_distinct_hyperparameters(local_ra
     assert len(runs) == 2
     sampled = {(r.data.params["inv_temp"], r.data.params["edit_scale"]) for r in runs}
     assert len(sampled) == 2  # Optuna proposed two different configurations
-    assert all(r.data.tags["variant"] == "QAM-E" for r in runs)
+    assert all(r.data.tags["method"] == "QAM-E" for r in runs)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from qam_ray.tracking import ensure_experiment
+from qam_ray.orchestration.tracking import ensure_experiment
 
 ROOT = Path(__file__).parents[1]
 STEPS, PER_ITERATION = 240, 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from qam_ray.tracking import MetricBuffer, ensure_experiment
+from qam_ray.orchestration.tracking import MetricBuffer, ensure_experiment
 
 
 def test_restored_pending_metrics_fill_the_gap_without_duplicates(tmp_path):

@@ -13,7 +13,8 @@ import pytest
 
 from qam_ray.data.ogbench_data import load_offline_dataset
 from qam_ray.data.replay import ChunkReplayBuffer
-from qam_ray.training import NonFiniteLossError, OfflineTrainer, hyperparams_for_env
+from qam_ray.agents import make_hyperparams
+from qam_ray.training import NonFiniteLossError, OfflineTrainer
 
 from .conftest import TINY_ENV
 
@@ -28,30 +29,31 @@ def load_train_script():
     return module
 
 
-def make_trainer(dataset_dir, seed=0):
+def make_trainer(dataset_dir, seed=0, method="QAM"):
     dataset = load_offline_dataset(TINY_ENV, dataset_dir)
-    hp = hyperparams_for_env(TINY_ENV, "QAM", dataset.obs_dim, dataset.action_dim, TINY)
-    return OfflineTrainer(hp, ChunkReplayBuffer.from_arrays(dataset.train, "cpu"), batch_size=8, seed=seed)
+    buffer = ChunkReplayBuffer.from_arrays(dataset.train, "cpu")
+    return OfflineTrainer.for_env(method, TINY_ENV, buffer, TINY, batch_size=8, seed=seed)
 
 
 def test_registry_settings_reach_the_hyperparameters():
-    hp = hyperparams_for_env("puzzle-4x4-play-singletask-task1-v0", "QAM-E", 83, 5)
+    hp = make_hyperparams("QAM-E", "puzzle-4x4-play-singletask-task1-v0", 83, 5)
     assert (hp.inv_temp, hp.edit_scale, hp.horizon_length, hp.variant) == (0.1, 0.9, 5, "QAM-E")
-    hp = hyperparams_for_env("humanoidmaze-medium-navigate-singletask-task1-v0", "QAM", 69, 21)
+    hp = make_hyperparams("QAM", "humanoidmaze-medium-navigate-singletask-task1-v0", 69, 21)
     assert (hp.rho, hp.discount, hp.horizon_length) == (0.0, 0.995, 1)
     with pytest.raises(ValueError, match="unknown hyperparameter"):
-        hyperparams_for_env(TINY_ENV, "QAM", 28, 5, {"inverse_temperature": 1.0})
+        make_hyperparams("QAM", TINY_ENV, 28, 5, {"inverse_temperature": 1.0})
 
 
-def test_training_is_deterministic_and_resumes_identically(tiny_dataset_dir):
-    a = make_trainer(tiny_dataset_dir)
+@pytest.mark.parametrize("method", ["QAM", "FQL", "BAM", "IFQL"])
+def test_training_is_deterministic_and_resumes_identically(tiny_dataset_dir, method):
+    a = make_trainer(tiny_dataset_dir, method=method)
     a.train(3)
     state = copy.deepcopy(a.state_dict())  # state_dict() holds live references
     expected = a.train(3)
-    b = make_trainer(tiny_dataset_dir, seed=123)  # different init, overwritten by the checkpoint
+    b = make_trainer(tiny_dataset_dir, seed=123, method=method)  # different init, overwritten by the checkpoint
     b.load_state_dict(state)
     assert b.train(3) == expected
-    assert make_trainer(tiny_dataset_dir).train(3) == make_trainer(tiny_dataset_dir).train(3)
+    assert make_trainer(tiny_dataset_dir, method=method).train(3) == make_trainer(tiny_dataset_dir, method=method).train(3)
 
 
 def test_nan_loss_stops_training_loudly(tiny_dataset_dir):
@@ -62,22 +64,25 @@ def test_nan_loss_stops_training_loudly(tiny_dataset_dir):
 
 
 def test_train_cli_end_to_end(local_ray, tiny_dataset_dir, tmp_path):
-    """The CLI trains through the RLlib algorithm (a no-op ray.init joins the test's private Ray)."""
+    """The CLI trains each method through the RLlib algorithm (a no-op ray.init joins the test's private Ray)."""
     script = load_train_script()
     out = tmp_path / "run"
-    args = ["--env", TINY_ENV, "--dataset-dir", tiny_dataset_dir, "--steps", "6", "--log-every", "3",
-            "--eval-every", "3", "--eval-episodes", "1", "--out", str(out)]
+    args = ["--env", TINY_ENV, "--dataset-dir", tiny_dataset_dir, "--methods", "QAM", "FQL", "--steps", "6",
+            "--log-every", "3", "--eval-every", "3", "--eval-episodes", "1", "--out", str(out), "--set", "FQL.alpha=3.0"]
     for key, value in TINY.items():
         args += ["--set", f"{key}={value!r}"]
     args += ["--batch-size", "8"]
     assert script.main(args) == 0
-    metrics = list(csv.DictReader(open(out / "metrics.csv")))
-    evals = list(csv.DictReader(open(out / "eval.csv")))
-    assert [int(r["step"]) for r in metrics] == [3, 6] and [int(r["step"]) for r in evals] == [3, 6]
-    assert 0.0 <= float(evals[-1]["success_rate"]) <= 1.0 and float(evals[-1]["episode_length"]) > 0
-    assert (out / "checkpoint" / "learner_group" / "learner" / "rl_module" / "default_policy").is_dir()
-    config = json.load(open(out / "config.json"))
-    assert config["dataset_source"] == "generated" and list(config["hyperparams"]["actor_hidden_dims"]) == [16, 16]
+    for method, own_metric in (("QAM", "adj_loss"), ("FQL", "distill_loss")):
+        metrics = list(csv.DictReader(open(out / method / "metrics.csv")))
+        evals = list(csv.DictReader(open(out / method / "eval.csv")))
+        assert [int(r["step"]) for r in metrics] == [3, 6] and [int(r["step"]) for r in evals] == [3, 6]
+        assert own_metric in metrics[0]
+        assert 0.0 <= float(evals[-1]["success_rate"]) <= 1.0 and float(evals[-1]["episode_length"]) > 0
+        assert (out / method / "checkpoint" / "learner_group" / "learner" / "rl_module" / "default_policy").is_dir()
+        config = json.load(open(out / method / "config.json"))
+        assert config["dataset_source"] == "generated" and list(config["hyperparams"]["actor_hidden_dims"]) == [16, 16]
+    assert json.load(open(out / "FQL" / "config.json"))["hyperparams"]["alpha"] == 3.0
 
 
 def test_train_cli_fails_early_with_clear_messages(local_ray, tmp_path, capsys):

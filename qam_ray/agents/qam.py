@@ -20,7 +20,7 @@ from qam_ray.agents.base import NORMAL, UNIFORM, Agent, AgentHyperparams, Losses
 from qam_ray.core.flow import adjoint_matching_loss, euler_ode
 from qam_ray.core.losses import (chunk_step, critic_td_loss, flow_matching_loss, pessimistic, stats,
                                  td_target)
-from qam_ray.core.networks import EnsembleCritic, TanhGaussianEditPolicy, VelocityField
+from qam_ray.core.networks import EnsembleCritic, TanhGaussianEditPolicy, Temperature, VelocityField
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ class QAMAgent(Agent):
             self.one_step_actor = VelocityField(s, d, actor_dims, time_input=False)
         if hp.variant == "QAM-E":
             self.edit_actor = TanhGaussianEditPolicy(s, d, actor_dims)
-            self.edit_log_alpha = torch.nn.Parameter(torch.zeros(()))
+            self.edit_alpha = Temperature(1.0)  # the edit policy's entropy temperature, log α = 0 at init
         self.make_targets()
 
     def acting_modules(self) -> tuple[str, ...]:
@@ -240,7 +240,7 @@ class QAMAgent(Agent):
         edit, log_prob = self.edit_actor(obs, flow_acts, draws["edit_eps"])
         edited = (flow_acts + self.hp.edit_scale * edit).clamp(-1.0, 1.0)
         q = self.critic(obs, edited, detach_params=True).mean(0)
-        alpha = self.edit_log_alpha.exp()
+        alpha = self.edit_alpha()
         entropy = -log_prob.mean()
         target_entropy = -self.hp.edit_target_entropy_multiplier * self.hp.chunk_dim
         edit_loss = -q.mean() + (alpha.detach() * log_prob).mean()

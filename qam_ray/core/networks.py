@@ -153,3 +153,14 @@ class TanhGaussianEditPolicy(nn.Module):
         # log|d tanh(u)/du| = log(1 - tanh(u)^2), written stably.
         log_det = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
         return torch.tanh(pre_tanh), (gaussian_logp - log_det).sum(-1)
+
+
+class Temperature(nn.Module):
+    """A learned entropy temperature α = exp(log α), log α initialised to log(initial) (SAC-style tuning)."""
+
+    def __init__(self, initial: float = 1.0):
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.full((), math.log(initial)))
+
+    def forward(self) -> torch.Tensor:
+        return self.log_alpha.exp()

@@ -5,9 +5,10 @@ The protocol is the paper's (QAM_SPEC §11):
 - a domain's entry is the mean ± population std of those scores over seeds;
 - the aggregate is the mean over domains, formed per seed before the statistics.
 
-Success rates are reported in %.  Each trial run carries the tags ``variant``, ``domain``, ``task``, ``seed`` and
-``dataset_source``, and logs ``eval/success_rate`` with step = gradient steps.  The sweep's parent run has no
-``domain`` tag and is skipped.
+Success rates are reported in %.  Each trial run carries the tags ``method`` (a paper label), ``domain``,
+``task``, ``seed`` and ``dataset_source``, and logs ``eval/success_rate`` with step = gradient steps.  The sweep's
+parent run has no ``domain`` tag and is skipped.  Methods are compared in one table (a column per method, each
+cell beside that method's published number) and one figure (a line per method with its seed spread).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def published_results(stage: str = "offline_1M") -> pd.DataFrame:
 
 
 def load_runs(experiment_names: list[str], tracking_uri: str | None = None, sweep: str | None = None) -> pd.DataFrame:
-    """One row per trial run: variant, domain, task, seed, dataset_source, final success (%) and its step."""
+    """One row per trial run: method, domain, task, seed, dataset_source, final success (%) and its step."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -43,13 +44,13 @@ def load_runs(experiment_names: list[str], tracking_uri: str | None = None, swee
     runs = mlflow.search_runs(experiment_names=experiment_names, filter_string=" and ".join(filters))
     column = f"metrics.{SUCCESS_METRIC}"
     if runs.empty or column not in runs:
-        return pd.DataFrame(columns=["run_id", "variant", "domain", "task", "seed", "dataset_source", "success", "step"])
+        return pd.DataFrame(columns=["run_id", "method", "domain", "task", "seed", "dataset_source", "success", "step"])
     runs = runs.dropna(subset=[column])
     client = MlflowClient()
     steps = [max(m.step for m in client.get_metric_history(run_id, SUCCESS_METRIC)) for run_id in runs["run_id"]]
     return pd.DataFrame({
         "run_id": runs["run_id"].to_numpy(),
-        "variant": runs["tags.variant"].to_numpy(),
+        "method": runs["tags.method"].to_numpy(),
         "domain": runs["tags.domain"].to_numpy(),
         "task": runs["tags.task"].astype(int).to_numpy(),
         "seed": runs["tags.seed"].astype(int).to_numpy(),
@@ -60,18 +61,18 @@ def load_runs(experiment_names: list[str], tracking_uri: str | None = None, swee
 
 
 def paper_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per (variant, domain) and the aggregate: mean and std over seeds, seeds, tasks, the smallest step and, for
+    """Per (method, domain) and the aggregate: mean and std over seeds, seeds, tasks, the smallest step and, for
     the aggregate, how many domains it covers (the paper's covers 10)."""
-    per_seed = (runs.groupby(["variant", "domain", "seed"])
+    per_seed = (runs.groupby(["method", "domain", "seed"])
                 .agg(score=("success", "mean"), tasks=("task", "nunique"), step=("step", "min"),
                      generated=("dataset_source", lambda s: bool((s == "generated").any())))
                 .reset_index())
-    aggregate = (per_seed.groupby(["variant", "seed"])
+    aggregate = (per_seed.groupby(["method", "seed"])
                  .agg(score=("score", "mean"), tasks=("tasks", "sum"), step=("step", "min"),
                       generated=("generated", "any"), domains=("domain", "nunique"))
                  .reset_index().assign(domain=AGGREGATE))
     both = pd.concat([per_seed, aggregate], ignore_index=True)
-    return (both.groupby(["variant", "domain"])
+    return (both.groupby(["method", "domain"])
             .agg(mean=("score", "mean"), std=("score", lambda s: s.std(ddof=0)), seeds=("seed", "nunique"),
                  tasks=("tasks", "max"), step=("step", "min"), generated=("generated", "any"),
                  domains=("domains", "max"))
@@ -79,24 +80,25 @@ def paper_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare_with_published(table: pd.DataFrame, stage: str = "offline_1M") -> pd.DataFrame:
-    """Our table joined with the published numbers of the same variant and domain."""
+    """Our table joined with the published numbers of the same method and domain (none for a method the paper
+    does not report: its ``paper_*`` columns are empty)."""
     published = published_results(stage).rename(
-        columns={"key": "domain", "method": "variant", "mean": "paper_mean", "std": "paper_std", "n_seeds": "paper_seeds"})
-    return table.merge(published, on=["variant", "domain"], how="left")
+        columns={"key": "domain", "mean": "paper_mean", "std": "paper_std", "n_seeds": "paper_seeds"})
+    return table.merge(published, on=["method", "domain"], how="left")
 
 
 def format_markdown(comparison: pd.DataFrame) -> str:
-    """Rows = domains (aggregate last), columns = variants; each cell 'ours ± std (n) | paper ± std'."""
+    """Rows = domains (aggregate last), columns = methods; each cell 'ours ± std (n) / paper ± std'."""
     def cell(row) -> str:
         scope = f", {int(row['domains'])} of 10 domains" if row["domain"] == AGGREGATE else ""
         ours = f"{row['mean']:.1f} ± {row['std']:.1f} ({row['seeds']} seeds, {row['step']:,} steps{scope})"
         if row["generated"]:
             ours += " [generated data]"
-        paper = "–" if pd.isna(row["paper_mean"]) else f"{row['paper_mean']:.1f} ± {row['paper_std']:.1f}"
+        paper = "not published" if pd.isna(row["paper_mean"]) else f"{row['paper_mean']:.1f} ± {row['paper_std']:.1f}"
         return f"{ours} / paper {paper}"
 
     cells = comparison.assign(cell=comparison.apply(cell, axis=1))
-    wide = cells.pivot(index="domain", columns="variant", values="cell")
+    wide = cells.pivot(index="domain", columns="method", values="cell")
     order = sorted(d for d in wide.index if d != AGGREGATE) + [d for d in wide.index if d == AGGREGATE]
     return wide.loc[order].fillna("").to_markdown()
 
@@ -111,22 +113,42 @@ def learning_curves(run_ids: list[str], tracking_uri: str | None = None) -> pd.D
     return pd.DataFrame(rows, columns=["run_id", "step", "success"])
 
 
+def seed_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, domain, seed) and step: the mean success over the seed's tasks, at the steps every task of the
+    seed evaluated (the paper's per-seed score, along the curve)."""
+    data = curves.merge(runs[["run_id", "method", "domain", "seed", "task"]], on="run_id")
+    tasks = data.groupby(["method", "domain", "seed"])["task"].transform("nunique")
+    per_step = data.assign(tasks=tasks).groupby(["method", "domain", "seed", "step"])
+    curve = per_step.agg(success=("success", "mean"), evaluated=("task", "nunique"), tasks=("tasks", "first"))
+    return curve[curve["evaluated"] == curve["tasks"]].reset_index()[["method", "domain", "seed", "step", "success"]]
+
+
 def plot_learning_curves(runs: pd.DataFrame, curves: pd.DataFrame, path: str) -> None:
-    """One panel per domain: mean success over seeds and tasks against gradient steps, one line per variant."""
+    """One panel per domain, one colour per method: the mean over seeds ± the population std over seeds (band)
+    and every seed's own curve (thin).  Panels on generated data say so in their title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = curves.merge(runs[["run_id", "variant", "domain"]], on="run_id")
-    domains = sorted(data["domain"].unique())
-    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.2), squeeze=False)
+    per_seed = seed_curves(runs, curves)
+    domains = sorted(per_seed["domain"].unique())
+    generated = set(runs.loc[runs["dataset_source"] == "generated", "domain"])
+    colours = {m: f"C{i}" for i, m in enumerate(sorted(per_seed["method"].unique()))}
+    fig, axes = plt.subplots(1, len(domains), figsize=(4.5 * len(domains), 3.4), squeeze=False)
     for ax, domain in zip(axes[0], domains):
-        for variant, group in data[data["domain"] == domain].groupby("variant"):
-            mean = group.groupby("step")["success"].mean()
-            ax.plot(mean.index, mean.to_numpy(), marker="o", label=variant)
-        ax.set(title=domain, xlabel="gradient steps", ylabel="success rate (%)", ylim=(-2, 102))
-        ax.legend()
+        for method, group in per_seed[per_seed["domain"] == domain].groupby("method"):
+            colour = colours[method]
+            for _, seed in group.groupby("seed"):
+                ax.plot(seed["step"], seed["success"], color=colour, alpha=0.3, linewidth=0.8)
+            stats = group.groupby("step")["success"].agg(mean="mean", std=lambda s: s.std(ddof=0), seeds="count")
+            ax.plot(stats.index, stats["mean"], color=colour, marker="o", markersize=3,
+                    label=f"{method} ({int(stats['seeds'].max())} seeds)")
+            ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=colour,
+                            alpha=0.2, linewidth=0)
+        ax.set(title=domain + (" [generated data]" if domain in generated else ""), xlabel="gradient steps",
+               ylabel="success rate (%)", ylim=(-2, 102))
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,8 +1,8 @@
-"""One Tune trial: offline QAM, then optionally online fine-tuning, through the RLlib algorithm, with MLflow
-logging and checkpoint/resume.
+"""One Tune trial: any registered method offline, then optionally online fine-tuning, through the RLlib algorithm,
+with MLflow logging and checkpoint/resume.
 
-The trial's ``spec`` (plain values, built by ``experiments/sweep.py``) names the task, variant, seed, data,
-budget and tracking target.  Progress reaches MLflow only after the checkpoint that covers it is saved, and the
+The trial's ``spec`` (plain values, built by ``presets.resolve``) names the method, task, seed, data, budget and
+tracking target.  Progress reaches MLflow only after the checkpoint that covers it is saved, and the
 not-yet-logged metrics travel inside that checkpoint (``MetricBuffer``); the child run is found again by the
 Tune trial id.  So a trial restarted after a failure, or by ``--resume``, continues the same run from the
 checkpoint step with every step logged exactly once.
@@ -15,24 +15,20 @@ import math
 import os
 import tempfile
 
-from qam_ray.tracking import CHECKPOINT_DIR_TAG
+from qam_ray.orchestration.tracking import CHECKPOINT_DIR_TAG
 
 TRIAL_STATE = "trial.json"
 
 
-def optuna_space(trial, variant: str) -> dict:
-    """Optuna define-by-run space of the search preset: τ on a log scale, the ensemble pessimism ρ and the
-    variant's own knob.  Module-level so Tune can pickle the searcher into its checkpoints."""
-    values = {"inv_temp": trial.suggest_float("inv_temp", 0.03, 100.0, log=True),
-              "rho": trial.suggest_float("rho", 0.0, 1.0)}
-    if variant == "QAM-E":
-        values["edit_scale"] = trial.suggest_float("edit_scale", 0.02, 0.9, log=True)
-    if variant == "QAM-F":
-        values["fql_alpha"] = trial.suggest_float("fql_alpha", 1.0, 1000.0, log=True)
-    return values
+def optuna_space(trial, method: str) -> dict:
+    """Optuna define-by-run space of the search preset: the method's own (``Agent.search_space``).  Module-level,
+    so Tune can pickle the searcher into its checkpoints."""
+    from qam_ray.agents import agent_class
+
+    return agent_class(method).search_space(trial, method)
 
 
-def qam_trial(config: dict, base_spec: dict | None = None) -> None:
+def agent_trial(config: dict, base_spec: dict | None = None) -> None:
     """Tune function trainable.  ``config["spec"]`` (grid sweeps) or ``base_spec`` plus top-level search values
     (Optuna define-by-run) give the trial; top-level values override hyperparameters.
 
@@ -43,7 +39,7 @@ def qam_trial(config: dict, base_spec: dict | None = None) -> None:
     import torch
     from ray import tune
 
-    from qam_ray.tracking import MetricBuffer
+    from qam_ray.orchestration.tracking import MetricBuffer
 
     spec = dict(config.get("spec") or base_spec)
     spec["overrides"] = {**spec["overrides"], **{k: v for k, v in config.items() if k != "spec"}}
@@ -89,10 +85,10 @@ def qam_trial(config: dict, base_spec: dict | None = None) -> None:
 
 
 def _build_algo(spec: dict, phase: str, offline_checkpoint: str | None):
-    from qam_ray.rllib.algorithm import build_qam_config
+    from qam_ray.rllib import build_agent_config
 
-    config = build_qam_config(
-        spec["domain"], spec["task"], spec["variant"], dataset_dir=spec["dataset_dir"], overrides=spec["overrides"],
+    config = build_agent_config(
+        spec["method"], spec["domain"], spec["task"], dataset_dir=spec["dataset_dir"], overrides=spec["overrides"],
         steps_per_iteration=spec["steps_per_iteration"], batch_size=spec["batch_size"],
         eval_interval=spec["eval_every"] // spec["steps_per_iteration"], eval_episodes=spec["eval_episodes"],
         seed=spec["seed"], gpus_per_learner=spec["gpus"],
@@ -107,8 +103,7 @@ def _build_algo(spec: dict, phase: str, offline_checkpoint: str | None):
 
 
 def _hyperparams(config) -> dict:
-    obs_dim, chunk = config.observation_space.shape[0], config.action_space.shape[0]
-    return vars(config.qam_hyperparams(obs_dim, chunk // config.horizon_length))
+    return vars(config.hyperparams_for_spaces())
 
 
 def _offline_row(result: dict) -> tuple[int, dict, dict]:
@@ -191,7 +186,7 @@ def _run_tags(spec: dict, dataset_info: dict) -> dict[str, str]:
     from ray import tune
 
     return {
-        "algo": "QAM", "variant": spec["variant"], "domain": spec["domain"], "task": str(spec["task"]),
+        "agent": spec["agent"], "method": spec["method"], "domain": spec["domain"], "task": str(spec["task"]),
         "env_name": f"{spec['domain']}-singletask-task{spec['task']}-v0", "seed": str(spec["seed"]),
         "dataset_source": dataset_info["dataset_source"], "dataset_sha256": dataset_info["dataset_sha256"],
         "sweep": spec["tracking"]["sweep"], "git_commit": spec["git_commit"],
@@ -208,12 +203,17 @@ def _checkpoint_dir(spec: dict) -> str:
     return os.path.join(spec["results_dir"], os.path.basename(tune.get_context().get_trial_dir()))
 
 
+def run_name(spec: dict) -> str:
+    """``<method> <domain> t<task> s<seed>``: the runs of a sweep told apart at a glance."""
+    return f"{spec['method']} {spec['domain']} t{spec['task']} s{spec['seed']}"
+
+
 def _find_or_create_run(spec: dict, hyperparams: dict, dataset_info: dict) -> str:
     """The trial's child run; a restarted trial (same Tune trial id) gets its run back instead of a duplicate."""
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from qam_ray.tracking import trial_run
+    from qam_ray.orchestration.tracking import trial_run
 
     tracking = spec["tracking"]
     client = MlflowClient(tracking["uri"])
@@ -226,8 +226,8 @@ def _find_or_create_run(spec: dict, hyperparams: dict, dataset_info: dict) -> st
         return found[0].info.run_id
     params = {**hyperparams, **_online_params(spec),
               **{k: spec[k] for k in ("steps", "steps_per_iteration", "batch_size", "eval_every", "eval_episodes",
-                                      "seed", "variant", "gpus", "threads")}}
-    name = f"{spec['variant']}-{spec['domain']}-task{spec['task']}-seed{spec['seed']}"
+                                      "seed", "method", "gpus", "threads")}}
+    name = run_name(spec)
     return trial_run(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"], name,
                      _run_tags(spec, dataset_info), params)
 
@@ -243,7 +243,7 @@ def _finish_run(spec: dict, run_id: str, hyperparams: dict, curve: list) -> None
     client = MlflowClient(spec["tracking"]["uri"])
     client.log_dict(run_id, {"spec": spec, "hyperparams": hyperparams}, "config/resolved_config.json")
     client.log_dict(run_id, {"checkpoint_dir": _checkpoint_dir(spec),
-                             "note": "its latest checkpoint_* folder holds algorithm/ (QAM.from_checkpoint; "
+                             "note": "its latest checkpoint_* folder holds algorithm/ (AgentAlgorithm.from_checkpoint; "
                                      "experiments/finetune.py --mlflow-run <run id>)"},
                     "checkpoint_reference.json")
     with tempfile.TemporaryDirectory() as directory:
@@ -252,7 +252,7 @@ def _finish_run(spec: dict, run_id: str, hyperparams: dict, curve: list) -> None
         if curve:
             steps, success = zip(*curve)
             ax.plot(steps, [100 * s for s in success], marker="o")
-        ax.set(title=f"{spec['variant']} {spec['domain']} task {spec['task']} seed {spec['seed']}",
+        ax.set(title=run_name(spec),
                xlabel="gradient steps" + (" + online env steps" if spec.get("online_steps") else ""),
                ylabel="success rate (%)", ylim=(-2, 102))
         fig.tight_layout()

@@ -1,7 +1,9 @@
-"""QAM as an RLlib algorithm: ``QAMConfig`` (validated hyperparameters, OGBench presets) and ``QAM``.
+"""One RLlib algorithm for every registered method: ``AgentConfig`` (validated hyperparameters, OGBench presets)
+and ``AgentAlgorithm``; ``qam_ray.rllib`` derives the per-family classes RLlib users expect (``QAMConfig`` /
+``QAM``, ``FQLConfig`` / ``FQL``, …) from the method registry.
 
     config = (QAMConfig()
-              .ogbench(domain="cube-double-play", task=2, variant="QAM-E", dataset_dir="/data/ogbench")
+              .ogbench(domain="cube-double-play", task=2, method="QAM-E", dataset_dir="/data/ogbench")
               .learners(num_learners=0, num_gpus_per_learner=1)
               .evaluation(evaluation_interval=50, evaluation_duration=50))
     algo = config.build_algo()
@@ -27,43 +29,39 @@ import os
 import time
 
 from ray.rllib.algorithms.algorithm import Algorithm
-from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EVALUATION_RESULTS, LEARNER_RESULTS
 
-from qam_ray.core.qam import QAMHyperparams, validate_hyperparams
+from qam_ray.agents import agent_class, registry_hyperparams
+from qam_ray.agents.base import field_names
 from qam_ray.domains import domain_of_env
 from qam_ray.rllib.chunk_env import ENV_ID, SuccessMetricsCallback, episode_transitions, make_chunked_env
-from qam_ray.rllib.learner import QAMTorchLearner
-from qam_ray.rllib.module import QAMRLModule
-from qam_ray.training import registry_hyperparams
-
-# QAM hyperparameters that keep their QAMHyperparams names on the config (RLlib's own gamma, lr, tau,
-# grad_clip and train_batch_size_per_learner carry discount, lr, Polyak rate, clip and batch size).
-QAM_FIELDS = (
-    "horizon_length", "actor_hidden_dims", "value_hidden_dims", "num_qs", "flow_steps", "inv_temp", "rho",
-    "fql_alpha", "edit_scale", "edit_target_entropy_multiplier", "value_layer_norm",
-)
-
+from qam_ray.rllib.learner import AgentLearner
+from qam_ray.rllib.module import AgentRLModule
 
 ONLINE_RESULTS = "online"  # result key of the online phase's counters and timings
 
-# QAMHyperparams names that RLlib's AlgorithmConfig holds under its own name.
-RLLIB_NAMES = {"discount": "gamma", "clip_grad_max_norm": "grad_clip"}
+# Hyperparameters that RLlib's AlgorithmConfig holds under its own name (one name per setting).
+RLLIB_NAMES = {"discount": "gamma", "lr": "lr", "tau": "tau", "clip_grad_max_norm": "grad_clip"}
+DIMENSIONS = ("obs_dim", "action_dim")  # fixed by the spaces when the module is built
 
 
-class QAMConfig(AlgorithmConfig):
+class AgentConfig(AlgorithmConfig):
+    """The config of any registered method.  ``method`` is a paper label (``QAM``, ``QAM-E``, ``FQL``, …); the
+    agent's hyperparameters are attributes under their own names (see the agent's ``*Hyperparams`` dataclass),
+    except γ, lr, the Polyak rate and the gradient clip, which are RLlib's ``gamma``, ``lr``, ``tau`` and
+    ``grad_clip``."""
+
+    default_method = "QAM"
+    family: str | None = None  # a per-family config (QAMConfig, FQLConfig, …) holds only that family's methods
+
     def __init__(self, algo_class=None):
-        super().__init__(algo_class=algo_class or QAM)
-        defaults = QAMHyperparams(obs_dim=1, action_dim=1)
-        for name in QAM_FIELDS:
-            setattr(self, name, getattr(defaults, name))
-        self.gamma = defaults.discount
-        self.lr = defaults.lr
-        self.tau = defaults.tau  # Polyak rate of the target critic and the EMA behaviour flow
-        self.grad_clip = defaults.clip_grad_max_norm
+        super().__init__(algo_class=algo_class or AgentAlgorithm)
+        self.method = None
+        self._set_method(self.default_method)
         self.grad_clip_by = "global_norm"
         self.train_batch_size_per_learner = 256
         # Data and loop.
@@ -85,24 +83,51 @@ class QAMConfig(AlgorithmConfig):
         self.offline_checkpoint = None  # algorithm checkpoint folder the learners start from
         self.rollout_fragment_length = 20  # chunks per env and iteration (≤ 20·H env steps)
 
-    def training(self, *, num_steps_per_iteration=None, **kwargs):
-        """QAM_FIELDS by name, ``num_steps_per_iteration``, and every RLlib training option."""
-        for name in QAM_FIELDS:
+    @property
+    def agent_class(self):
+        return agent_class(self.method)
+
+    def agent_fields(self) -> tuple[str, ...]:
+        """The agent's hyperparameters that the config holds under their own names."""
+        return tuple(n for n in field_names(self.agent_class.Hyperparams) if n not in RLLIB_NAMES and n not in DIMENSIONS)
+
+    def _set_method(self, method: str) -> None:
+        """Switch to ``method``; a method of another agent family resets the hyperparameters to its defaults."""
+        new = agent_class(method)
+        if self.family is not None and new.name != self.family:
+            raise ValueError(f"method={method!r} belongs to the {new.name.upper()} family; {type(self).__name__} "
+                             f"holds {self.family.upper()} methods only: use {new.name.upper()}Config or AgentConfig")
+        if self.method is None or agent_class(self.method) is not new:
+            for name in self.agent_fields() if self.method else ():
+                delattr(self, name)
+            defaults = new.Hyperparams(obs_dim=1, action_dim=1)
+            for name in field_names(new.Hyperparams):
+                if name not in DIMENSIONS:
+                    setattr(self, RLLIB_NAMES.get(name, name), getattr(defaults, name))
+        self.method = method
+
+    def training(self, *, num_steps_per_iteration=NotProvided, **kwargs):
+        """The agent's hyperparameters by name (e.g. ``inv_temp=3.0`` for QAM, ``alpha=30.0`` for FQL),
+        ``num_steps_per_iteration`` (gradient steps per ``train()``), and every RLlib training option
+        (``gamma``, ``lr``, ``tau``, ``grad_clip``, ``train_batch_size_per_learner``, …)."""
+        for name in self.agent_fields():
             if name in kwargs:
                 setattr(self, name, kwargs.pop(name))
-        if num_steps_per_iteration is not None:
+        if num_steps_per_iteration is not NotProvided:
             self.num_steps_per_iteration = num_steps_per_iteration
         return super().training(**kwargs)
 
-    def ogbench(self, domain: str, task: int = 1, variant: str = "QAM", dataset_dir: str | None = None):
-        """Fill env, data and per-domain hyperparameters from the registry (qam_ray.domains).
+    def ogbench(self, domain: str, task: int = 1, method: str | None = None, dataset_dir: str | None = None):
+        """Fill env, data and the method's per-domain hyperparameters from the registries.
 
-        ``domain`` is a paper domain such as ``cube-double-play`` or a generated one such as ``cube-single-play``.
+        ``domain`` is a paper domain such as ``cube-double-play`` or a generated one such as ``cube-single-play``;
+        ``method`` a paper label (default: this config's method).
         """
         if task not in range(1, 6):
             raise ValueError(f"task={task!r}: expected 1..5")
+        self._set_method(method or self.method)
         env_name = f"{domain}-singletask-task{task}-v0"
-        for name, value in registry_hyperparams(env_name, variant).items():
+        for name, value in registry_hyperparams(self.method, env_name).items():
             setattr(self, RLLIB_NAMES.get(name, name), value)
         self.env_name, self.dataset_dir, self.sparse = env_name, dataset_dir, domain_of_env(env_name).sparse
         env_config = {"env_name": env_name, "horizon": self.horizon_length}
@@ -121,22 +146,26 @@ class QAMConfig(AlgorithmConfig):
         self.online_steps, self.utd_ratio, self.start_training = online_steps, utd_ratio, start_training
         self.online_eval_every = eval_every
         self.offline_checkpoint = os.path.abspath(offline_checkpoint) if offline_checkpoint else None
-        self.evaluation_interval = None  # evaluation follows env steps instead (QAM.step)
+        self.evaluation_interval = None  # evaluation follows env steps instead (AgentAlgorithm.step)
         return self
 
-    def qam_hyperparams(self, obs_dim: int, action_dim: int) -> QAMHyperparams:
-        return QAMHyperparams(
-            obs_dim=obs_dim, action_dim=action_dim, discount=self.gamma, lr=self.lr, tau=self.tau,
-            clip_grad_max_norm=self.grad_clip, **{name: getattr(self, name) for name in QAM_FIELDS},
-        )
+    def agent_hyperparams(self, obs_dim: int, action_dim: int):
+        values = {name: getattr(self, RLLIB_NAMES.get(name, name))
+                  for name in field_names(self.agent_class.Hyperparams) if name not in DIMENSIONS}
+        return self.agent_class.Hyperparams(obs_dim=obs_dim, action_dim=action_dim, **values)
+
+    def hyperparams_for_spaces(self):
+        """The agent's hyperparameters at the dimensions of this config's spaces."""
+        return self.agent_hyperparams(self.observation_space.shape[0],
+                                      self.action_space.shape[0] // self.horizon_length)
 
     def validate(self) -> None:
         super().validate()
         errors = []
         if not self.env_name:
-            errors.append("env_name is not set: call .ogbench(domain=..., task=..., variant=...)")
+            errors.append("env_name is not set: call .ogbench(domain=..., task=..., method=...)")
         if self.grad_clip is not None and self.grad_clip_by != "global_norm":
-            errors.append(f"grad_clip_by={self.grad_clip_by!r}: QAM clips by 'global_norm' only")
+            errors.append(f"grad_clip_by={self.grad_clip_by!r}: the agents clip by 'global_norm' only")
         if not (isinstance(self.num_steps_per_iteration, int) and self.num_steps_per_iteration >= 1):
             errors.append(f"num_steps_per_iteration={self.num_steps_per_iteration!r}: must be an integer >= 1")
         if not (isinstance(self.train_batch_size_per_learner, int) and self.train_batch_size_per_learner >= 1):
@@ -148,34 +177,32 @@ class QAMConfig(AlgorithmConfig):
             errors += _online_errors(self)
         # Dimensions are placeholders here: the spaces fix them when the module is built.
         try:
-            errors += validate_hyperparams(self.qam_hyperparams(1, 1))
+            self.agent_hyperparams(1, 1)
         except ValueError as exc:
             errors.append(str(exc))
         if errors:
-            raise ValueError("Invalid QAMConfig:\n  - " + "\n  - ".join(errors))
+            raise ValueError(f"Invalid {type(self).__name__} ({self.method}):\n  - " + "\n  - ".join(errors))
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
-        return RLModuleSpec(module_class=QAMRLModule, model_config=self._model_config_for_module())
-
-    def _model_config_for_module(self) -> dict:
-        # The module takes obs_dim / action_dim from its spaces.
-        return {k: v for k, v in vars(self.qam_hyperparams(1, 1)).items() if k not in ("obs_dim", "action_dim")}
+        hyperparams = vars(self.agent_hyperparams(1, 1))
+        model_config = {"method": self.method, **{k: v for k, v in hyperparams.items() if k not in DIMENSIONS}}
+        return RLModuleSpec(module_class=AgentRLModule, model_config=model_config)
 
     def get_default_learner_class(self):
-        return QAMTorchLearner
+        return AgentLearner
 
     @property
-    def qam_seed(self) -> int:
+    def agent_seed(self) -> int:
         return self.seed or 0
 
 
-def build_qam_config(
-    domain: str, task: int, variant: str, *, dataset_dir: str | None, overrides: dict | None = None,
+def build_agent_config(
+    method: str, domain: str, task: int, *, dataset_dir: str | None, overrides: dict | None = None,
     steps_per_iteration: int = 1000, batch_size: int = 256, eval_interval: int = 50, eval_episodes: int = 50,
     eval_env_runners: int = 0, seed: int = 0, num_learners: int = 0, gpus_per_learner: float = 0,
-) -> QAMConfig:
-    """The config of one offline run: registry values, then ``overrides`` (QAMHyperparams names)."""
-    config = QAMConfig().ogbench(domain, task=task, variant=variant, dataset_dir=dataset_dir)
+) -> AgentConfig:
+    """The config of one offline run: registry values, then ``overrides`` (hyperparameter names)."""
+    config = AgentConfig().ogbench(domain, task=task, method=method, dataset_dir=dataset_dir)
     for key, value in (overrides or {}).items():
         setattr(config, RLLIB_NAMES.get(key, key), value)
     return (config.training(num_steps_per_iteration=steps_per_iteration, train_batch_size_per_learner=batch_size)
@@ -185,7 +212,7 @@ def build_qam_config(
             .debugging(seed=seed))
 
 
-def _online_errors(config: QAMConfig) -> list[str]:
+def _online_errors(config: AgentConfig) -> list[str]:
     errors = []
     for name in ("online_steps", "start_training", "online_eval_every"):
         value = getattr(config, name)
@@ -208,10 +235,10 @@ def online_updates(before: int, after: int, start_training: int, utd_ratio: floa
     return owed(after) - owed(before)
 
 
-class QAM(Algorithm):
+class AgentAlgorithm(Algorithm):
     @classmethod
-    def get_default_config(cls) -> QAMConfig:
-        return QAMConfig()
+    def get_default_config(cls) -> AgentConfig:
+        return AgentConfig()
 
     def setup(self, config) -> None:
         super().setup(config)

@@ -1,10 +1,10 @@
-"""QAMTorchLearner: the QAM update on a learner-resident dataset, many gradient steps per call.
+"""AgentLearner: any registered agent's update on a learner-resident dataset, many gradient steps per call.
 
 RLlib's ``Learner.update`` path costs ~0.6 ms (local) to ~4 ms (remote) per call and converts a batch each time
 (RAY_NOTES B6), so the learner instead holds the dataset on its own device, samples chunks there, and runs
-``run_steps(n)`` updates per call with the math core's ``optimization_step``: one Adam over every online parameter,
-the optax global-norm clip, Polyak from the pre-step weights, no per-parameter host syncs and one metrics reduction
-per call.  With several learners each samples with its own seed and the raw gradients are averaged with one
+``run_steps(n)`` updates per call with the agent's own ``update`` (for the QAM-repository agents the shared joint
+step: one Adam over every online parameter, the optax global-norm clip, Polyak from the pre-step weights), with no
+per-parameter host syncs and one metrics reduction per call.  With several learners each samples with its own seed and the raw gradients are averaged with one
 all-reduce per step before clipping (the module is not DDP-wrapped: the loss calls sub-networks directly).
 """
 
@@ -15,17 +15,16 @@ import torch.distributed as dist
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
-from qam_ray.core.qam import make_optimizer
 from qam_ray.data.ogbench_data import load_offline_dataset, sparse_rewards
 from qam_ray.data.replay import ChunkReplayBuffer
 from qam_ray.training import run_updates
 
 OPTIMIZER_NAME = "adam"
-GENERATOR_STATE = "qam_generator_state"
-ONLINE_ROWS = "qam_online_transitions"  # the online part of the buffer, in checkpoints only
+GENERATOR_STATE = "sampling_generator_state"
+ONLINE_ROWS = "online_transitions"  # the online part of the buffer, in checkpoints only
 
 
-class QAMTorchLearner(TorchLearner):
+class AgentLearner(TorchLearner):
     def build(self) -> None:
         if self.config.num_learners > 0:  # a learner actor: size torch's threads to its CPU bundle (RAY_NOTES #15)
             cpus = self.config.num_cpus_per_learner
@@ -34,28 +33,28 @@ class QAMTorchLearner(TorchLearner):
         self.buffer: ChunkReplayBuffer | None = None
         self.gradient_steps = 0
         rank = dist.get_rank() if dist.is_initialized() else 0
-        self._generator = torch.Generator(device=self._device).manual_seed(self.config.qam_seed + 1_000_003 * rank)
+        self._generator = torch.Generator(device=self._device).manual_seed(self.config.agent_seed + 1_000_003 * rank)
 
     def _make_modules_ddp_if_necessary(self) -> None:
         # Gradients are averaged explicitly in _average_gradients; broadcast rank 0's initial weights instead.
         if dist.is_initialized() and dist.get_world_size() > 1:
-            for tensor in self.qam_module.state_dict().values():
+            for tensor in self.agent_module.state_dict().values():
                 dist.broadcast(tensor, src=0)
 
     @property
-    def qam_module(self):
+    def agent_module(self):
         return self.module[DEFAULT_MODULE_ID]
 
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
-        module = self._module[module_id]  # already on self._device, so make_optimizer picks fused Adam on GPU
-        optimizer = make_optimizer(module.nets, module.hp)
+        agent = self._module[module_id].agent  # already on self._device, so fused Adam is picked on GPU
+        optimizer = agent.make_optimizer()
         self.register_optimizer(
             module_id=module_id, optimizer_name=OPTIMIZER_NAME, optimizer=optimizer,
-            params=optimizer.param_groups[0]["params"], lr_or_lr_schedule=module.hp.lr,
+            params=optimizer.param_groups[0]["params"], lr_or_lr_schedule=agent.hp.lr,
         )
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
-        raise NotImplementedError("QAM updates through run_steps (learner-resident data), not Learner.update")
+        raise NotImplementedError("agents update through run_steps (learner-resident data), not Learner.update")
 
     def load_dataset(self, env_name: str, dataset_dir: str | None, sparse: bool, online_capacity: int = 0) -> dict:
         """Load the dataset by path onto this learner's device (never through the config), with room for
@@ -87,13 +86,12 @@ class QAMTorchLearner(TorchLearner):
         return {"before": before, "after": self.online_transitions, "gradient_steps": self.gradient_steps}
 
     def run_steps(self, num_steps: int, batch_size: int) -> dict[str, float]:
-        """``num_steps`` QAM updates; returns the mean of every metric over them (one host sync)."""
+        """``num_steps`` updates; returns the mean of every metric over them (one host sync)."""
         if self.buffer is None:
-            raise RuntimeError("QAMTorchLearner.run_steps before load_dataset: the algorithm's setup loads it")
-        module = self.qam_module
+            raise RuntimeError("AgentLearner.run_steps before load_dataset: the algorithm's setup loads it")
         average = self._average_gradients if dist.is_initialized() and dist.get_world_size() > 1 else None
         means = run_updates(
-            module.nets, module.hp, self.get_optimizer(DEFAULT_MODULE_ID, OPTIMIZER_NAME), self.buffer,
+            self.agent_module.agent, self.get_optimizer(DEFAULT_MODULE_ID, OPTIMIZER_NAME), self.buffer,
             self._generator, num_steps, batch_size, first_step=self.gradient_steps, on_raw_gradients=average,
         )
         self.gradient_steps += num_steps
@@ -101,7 +99,11 @@ class QAMTorchLearner(TorchLearner):
         return means
 
     def _average_gradients(self) -> None:
-        grads = [p.grad for p in self.qam_module.nets.online_parameters()]
+        params = list(self.agent_module.agent.online_parameters())
+        for p in params:  # a parameter no loss reached this step still takes part, with a zero gradient
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
