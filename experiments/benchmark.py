@@ -245,7 +245,11 @@ def time_in_turns(prepared: dict, rounds: int) -> dict[str, list]:
 
 def update_benchmarks(args, device: torch.device, dataset_dir: str | None, common: dict) -> list[dict]:
     uses_ray = any(name in RAY_BENCHMARKS for name in args.only)
-    with local_ray(max(2, torch.get_num_threads())) if uses_ray else contextlib.nullcontext():
+    # Every remote learner reserves its threads as logical CPUs, all built at once; they are timed in turns, so
+    # Ray may count more logical CPUs than the machine has (the records say how many physical CPUs there were).
+    remote = len(args.methods) * ("rllib_remote" in args.only)
+    ray_cpus = torch.get_num_threads() * (1 + remote)
+    with local_ray(ray_cpus) if uses_ray else contextlib.nullcontext():
         # All benchmarks are built first, then timed in turns, so slow drifts of a shared machine hit each alike;
         # the median over the repeats is recorded.
         prepared = {(name, method): BENCHMARKS[name](method, args.size, args.steps, device, dataset_dir,
@@ -257,6 +261,7 @@ def update_benchmarks(args, device: torch.device, dataset_dir: str | None, commo
         elapsed = statistics.median(times[name, method])
         result = rates(args.steps, elapsed)
         records.append({"name": name, "method": method, **result, "repeats": args.repeats,
+                        **({"ray_logical_cpus": ray_cpus, "physical_cpus": os.cpu_count()} if uses_ray else {}),
                         "seconds_per_update_all": [round(t / args.steps, 5) for t in times[name, method]],
                         "steps": args.steps, **common})
         print(f"{name:>14} {method:>6} {args.size:>5} {device.type}: {result['updates_per_s']:8.2f} updates/s "

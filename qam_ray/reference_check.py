@@ -49,11 +49,10 @@ class Tolerances:
     adam: float = 1e-4  # Adam moments after update 1, max|Δ| / max|ref|
 
 
-FORMATS = {
+FORMATS = {  # an agent's FIXTURE_FORMAT names its family's format document
     "qam": Tolerances(),  # FIXTURE_FORMAT.md §7
     "baselines": Tolerances(stat_floor=1.0, grad_floor=1e-3),  # FIXTURE_FORMAT_BASELINES.md §10
 }
-FIXTURE_FORMAT = {"qam": "qam", "fql": "baselines", "bam": "baselines", "ifql": "baselines"}  # agent → format
 BATCH_KEYS = ("observations", "actions", "rewards", "masks", "valid", "terminals", "next_observations")
 
 
@@ -63,10 +62,11 @@ BATCH_KEYS = ("observations", "actions", "rewards", "masks", "valid", "terminals
 def fixture_agent(config: dict) -> type[Agent]:
     agents = agent_classes()
     name = config.get("agent") or ("qam" if config.get("variant") in ("QAM", "QAM-F") else None)
-    if name not in agents or name not in FIXTURE_FORMAT:
+    ported = {n: a for n, a in agents.items() if a.FIXTURE_FORMAT in FORMATS}
+    if name not in ported:
         raise FixtureError(f"fixture agent {config.get('agent')!r} (variant {config.get('variant')!r}) is not "
-                           f"one we port; known agents: {', '.join(sorted(FIXTURE_FORMAT))}")
-    return agents[name]
+                           f"one we port; known agents: {', '.join(sorted(ported))}")
+    return ported[name]
 
 
 def hyperparams_from_config(agent: type[Agent], config: dict):
@@ -210,7 +210,7 @@ def missing(name: str) -> Check:
 def check_fixture(path: str) -> list[Check]:
     fixture = Fixture(path)
     agent_cls = fixture_agent(fixture.config)
-    tol = FORMATS[FIXTURE_FORMAT[agent_cls.name]]
+    tol = FORMATS[agent_cls.FIXTURE_FORMAT]
     hp = hyperparams_from_config(agent_cls, fixture.config)
     torch.manual_seed(0)  # the initialisation is overwritten by the fixture; seeded only for repeatability
     agent = agent_cls(hp)

@@ -273,7 +273,7 @@ def test_terminal_adjoint_is_the_clipped_critic_gradient(monkeypatch):
     from qam_ray.agents import qam
 
     monkeypatch.setattr(qam, "adjoint_matching_loss", fake_loss)
-    agent.adjoint_loss(obs, draws(agent), {}, {})
+    agent.adjoint_loss(obs, draws(agent))
     eps, expected = 1e-6, torch.zeros_like(x_final)
     q = lambda x: agent.target_critic(obs, x.clamp(-1, 1)).mean(0)  # noqa: E731
     for d in range(4):

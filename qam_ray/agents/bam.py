@@ -17,7 +17,8 @@ import dataclasses
 
 import torch
 
-from qam_ray.agents.base import NORMAL, UNIFORM, Agent, AgentHyperparams, Losses, non_negative, positive_int
+from qam_ray.agents.base import (NORMAL, QAM_REPO_FIXED_FLAGS, UNIFORM, Agent, AgentHyperparams, Losses, non_negative,
+                                 per_domain_values, positive_int)
 from qam_ray.core.flow import euler_ode, euler_ode_states, memoryless_sde_step, memoryless_sigmas, time_grid
 from qam_ray.core.losses import (best_of_n, chunk_step, critic_td_loss, flow_matching_loss, pessimistic, stats,
                                  td_target)
@@ -36,15 +37,15 @@ class BAMHyperparams(AgentHyperparams):
     best_of_n: int = 1  # n candidates for the TD-target action, scored by the online critic's mean (paper: 1)
 
     def errors(self) -> list[str]:
-        return super().errors() + [e for e in (non_negative(self, "inv_temp"), positive_int(self, "best_of_n")) if e]
+        return super().errors() + [non_negative(self, "inv_temp"), positive_int(self, "best_of_n")]
 
 
 # experiments/reproduce.py (QAM_SPEC §10): BAM τ per domain.
-PER_DOMAIN = {"BAM": {domain: dict(inv_temp=float(inv_temp)) for domain, inv_temp in {
+PER_DOMAIN = per_domain_values("BAM", "inv_temp", {
     "puzzle-3x3-play": 10, "scene-play": 10, "cube-double-play": 10, "antmaze-large-navigate": 30,
     "humanoidmaze-medium-navigate": 10, "cube-triple-play": 30, "cube-quadruple-play": 10, "puzzle-4x4-play": 30,
     "antmaze-giant-navigate": 30, "humanoidmaze-large-navigate": 30,
-}.items()}}
+})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,11 +58,8 @@ class BAMAgent(Agent):
     Hyperparams = BAMHyperparams
     PER_DOMAIN = PER_DOMAIN
     TARGETS = {"target_critic": "critic", "target_actor_slow": "actor_slow"}
-    FIXTURE_FIXED_FLAGS = {
-        "action_chunking": True, "activation": "gelu_tanh_approximation", "layer_norm_eps": 1e-6, "std_ddof": 0,
-        "actor_layer_norm": False, "target_actor": True, "residual": False, "adam_eps_root": 0.0,
-        "weight_decay": 0.0, "step2_uses_same_batch": True,
-    }
+    FIXTURE_FORMAT = "baselines"
+    FIXTURE_FIXED_FLAGS = QAM_REPO_FIXED_FLAGS | {"target_actor": True, "residual": False}
     FIXTURE_UNUSED_MODULES = ("target_actor_fast",)
 
     def __init__(self, hp: BAMHyperparams):

@@ -55,12 +55,13 @@ class AgentHyperparams:
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value))
-        errors = self.errors()
+        errors = [e for e in self.errors() if e]
         if errors:
             raise ValueError(f"Invalid {type(self).__name__}:\n  - " + "\n  - ".join(errors))
 
-    def errors(self) -> list[str]:
-        """Every problem at once, each naming the field and the allowed values; subclasses add theirs."""
+    def errors(self) -> list[str | None]:
+        """Every problem at once, each naming the field and the allowed values (None: that check passed);
+        subclasses add theirs to ``super().errors()``."""
         errors = [positive_int(self, name) for name in
                   ("obs_dim", "action_dim", "horizon_length", "num_qs", "flow_steps")]
         for name in ("actor_hidden_dims", "value_hidden_dims"):
@@ -76,11 +77,16 @@ class AgentHyperparams:
             errors.append(f"clip_grad_max_norm={clip!r}: must be a finite number > 0, or None for no clipping")
         if not isinstance(self.value_layer_norm, bool):
             errors.append(f"value_layer_norm={self.value_layer_norm!r}: must be True or False")
-        return [e for e in errors if e]
+        return errors
 
     @property
     def chunk_dim(self) -> int:
         return self.action_dim * self.horizon_length
+
+
+def per_domain_values(method: str, field: str, values: dict[str, float]) -> dict[str, dict[str, dict]]:
+    """A ``PER_DOMAIN`` table for a method with one per-domain hyperparameter: {method: {domain: {field: value}}}."""
+    return {method: {domain: {field: float(value)} for domain, value in values.items()}}
 
 
 def field_names(hyperparams_class: type[AgentHyperparams]) -> tuple[str, ...]:
@@ -140,6 +146,13 @@ class Losses:
 # --------------------------------------------------------------------------------------------------
 # The agent
 # --------------------------------------------------------------------------------------------------
+# Official flags every fixture of the QAM repository's agents fixes (FIXTURE_FORMAT*.md §1).
+QAM_REPO_FIXED_FLAGS = {
+    "action_chunking": True, "activation": "gelu_tanh_approximation", "layer_norm_eps": 1e-6, "std_ddof": 0,
+    "actor_layer_norm": False, "adam_eps_root": 0.0, "weight_decay": 0.0, "step2_uses_same_batch": True,
+}
+
+
 class Agent(nn.Module):
     """Networks + draws + acting + losses of one method family.
 
@@ -154,8 +167,10 @@ class Agent(nn.Module):
     PER_DOMAIN: ClassVar[dict[str, dict[str, dict]]]
     # Target module → the online module Polyak-averaged into it; targets start as copies and get no gradient.
     TARGETS: ClassVar[dict[str, str]] = {}
-    # Fixture-format facts: official flags our port implements at one value only, modules the official tree
-    # holds that are never used (and so not built here), official metric names that are copies of ours.
+    # Fixture-format facts: the format document of the family's fixtures (its tolerances), official flags our port
+    # implements at one value only, modules the official tree holds that are never used (and so not built here),
+    # official metric names that are copies of ours.
+    FIXTURE_FORMAT: ClassVar[str | None] = None
     FIXTURE_FIXED_FLAGS: ClassVar[dict[str, object]] = {}
     FIXTURE_UNUSED_MODULES: ClassVar[tuple[str, ...]] = ()
     FIXTURE_METRIC_ALIASES: ClassVar[dict[str, str]] = {}

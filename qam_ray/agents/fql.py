@@ -15,7 +15,8 @@ import dataclasses
 
 import torch
 
-from qam_ray.agents.base import NORMAL, UNIFORM, Agent, AgentHyperparams, Losses, non_negative, positive_int
+from qam_ray.agents.base import (NORMAL, QAM_REPO_FIXED_FLAGS, UNIFORM, Agent, AgentHyperparams, Losses, non_negative,
+                                 per_domain_values, positive_int)
 from qam_ray.core.flow import euler_ode_states
 from qam_ray.core.losses import (best_of_n, chunk_step, critic_td_loss, flow_matching_loss, pessimistic, stats,
                                  td_target)
@@ -33,15 +34,15 @@ class FQLHyperparams(AgentHyperparams):
     best_of_n: int = 1  # n candidates for the TD-target action, scored by the online critic's mean (paper: 1)
 
     def errors(self) -> list[str]:
-        return super().errors() + [e for e in (non_negative(self, "alpha"), positive_int(self, "best_of_n")) if e]
+        return super().errors() + [non_negative(self, "alpha"), positive_int(self, "best_of_n")]
 
 
 # experiments/reproduce.py (QAM_SPEC §10): FQL α per domain.
-PER_DOMAIN = {"FQL": {domain: dict(alpha=float(alpha)) for domain, alpha in {
+PER_DOMAIN = per_domain_values("FQL", "alpha", {
     "puzzle-3x3-play": 300, "scene-play": 300, "cube-double-play": 300, "antmaze-large-navigate": 3,
     "humanoidmaze-medium-navigate": 30, "cube-triple-play": 30, "cube-quadruple-play": 100, "puzzle-4x4-play": 1,
     "antmaze-giant-navigate": 3, "humanoidmaze-large-navigate": 30,
-}.items()}}
+})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -52,10 +53,8 @@ class FQLAgent(Agent):
     Hyperparams = FQLHyperparams
     PER_DOMAIN = PER_DOMAIN
     TARGETS = {"target_critic": "critic"}
-    FIXTURE_FIXED_FLAGS = {
-        "action_chunking": True, "activation": "gelu_tanh_approximation", "layer_norm_eps": 1e-6, "std_ddof": 0,
-        "actor_layer_norm": False, "adam_eps_root": 0.0, "weight_decay": 0.0, "step2_uses_same_batch": True,
-    }
+    FIXTURE_FORMAT = "baselines"
+    FIXTURE_FIXED_FLAGS = QAM_REPO_FIXED_FLAGS
 
     def __init__(self, hp: FQLHyperparams):
         super().__init__(hp)

@@ -13,7 +13,8 @@ import dataclasses
 
 import torch
 
-from qam_ray.agents.base import NORMAL, UNIFORM, Agent, AgentHyperparams, Losses, in_interval, positive_int
+from qam_ray.agents.base import (NORMAL, QAM_REPO_FIXED_FLAGS, UNIFORM, Agent, AgentHyperparams, Losses, in_interval,
+                                 per_domain_values, positive_int)
 from qam_ray.core.flow import euler_ode, euler_ode_states
 from qam_ray.core.losses import (best_of_n, chunk_step, critic_td_loss, expectile_loss, flow_matching_loss,
                                  pessimistic, stats, td_target)
@@ -31,16 +32,15 @@ class IFQLHyperparams(AgentHyperparams):
     num_samples: int = 32  # N: flow samples ranked at acting time (official default 32)
 
     def errors(self) -> list[str]:
-        errors = super().errors() + [positive_int(self, "num_samples"), in_interval(self, "kappa", 0.0, 1.0)]
-        return [e for e in errors if e]
+        return super().errors() + [positive_int(self, "num_samples"), in_interval(self, "kappa", 0.0, 1.0)]
 
 
 # experiments/reproduce.py (QAM_SPEC §10): IFQL κ per domain.
-PER_DOMAIN = {"IFQL": {domain: dict(kappa=kappa) for domain, kappa in {
+PER_DOMAIN = per_domain_values("IFQL", "kappa", {
     "puzzle-3x3-play": 0.95, "scene-play": 0.9, "cube-double-play": 0.9, "antmaze-large-navigate": 0.9,
     "humanoidmaze-medium-navigate": 0.7, "cube-triple-play": 0.95, "cube-quadruple-play": 0.95,
     "puzzle-4x4-play": 0.9, "antmaze-giant-navigate": 0.8, "humanoidmaze-large-navigate": 0.8,
-}.items()}}
+})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,11 +61,8 @@ class IFQLAgent(Agent):
     Hyperparams = IFQLHyperparams
     PER_DOMAIN = PER_DOMAIN
     TARGETS = {"target_critic": "critic"}
-    FIXTURE_FIXED_FLAGS = {
-        "action_chunking": True, "activation": "gelu_tanh_approximation", "layer_norm_eps": 1e-6, "std_ddof": 0,
-        "actor_layer_norm": False, "value_num_ensembles": 1, "adam_eps_root": 0.0, "weight_decay": 0.0,
-        "step2_uses_same_batch": True,
-    }
+    FIXTURE_FORMAT = "baselines"
+    FIXTURE_FIXED_FLAGS = QAM_REPO_FIXED_FLAGS | {"value_num_ensembles": 1}
 
     def __init__(self, hp: IFQLHyperparams):
         super().__init__(hp)

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from qam_ray.agents.base import NORMAL, UNIFORM, Agent, AgentHyperparams, Losses, non_negative
+from qam_ray.agents.base import NORMAL, QAM_REPO_FIXED_FLAGS, UNIFORM, Agent, AgentHyperparams, Losses, non_negative
 from qam_ray.core.flow import adjoint_matching_loss, euler_ode
 from qam_ray.core.losses import (chunk_step, critic_td_loss, flow_matching_loss, pessimistic, stats,
                                  td_target)
@@ -37,9 +37,8 @@ class QAMHyperparams(AgentHyperparams):
     edit_target_entropy_multiplier: float = 0.5  # QAM-E: target entropy −0.5·D of the edit policy
 
     def errors(self) -> list[str]:
-        errors = super().errors()
-        errors += [e for e in (non_negative(self, name) for name in
-                               ("inv_temp", "fql_alpha", "edit_scale", "edit_target_entropy_multiplier")) if e]
+        errors = super().errors() + [non_negative(self, name) for name in
+                                     ("inv_temp", "fql_alpha", "edit_scale", "edit_target_entropy_multiplier")]
         if self.fql_alpha > 0 and self.edit_scale > 0:
             errors.append(f"fql_alpha={self.fql_alpha} and edit_scale={self.edit_scale}: QAM-F and QAM-E are "
                           "exclusive; set one to 0")
@@ -83,12 +82,10 @@ class QAMAgent(Agent):
     Hyperparams = QAMHyperparams
     PER_DOMAIN = PER_DOMAIN
     TARGETS = {"target_critic": "critic", "target_actor_slow": "actor_slow"}
-    FIXTURE_FIXED_FLAGS = {
-        "action_chunking": True, "activation": "gelu_tanh_approximation", "layer_norm_eps": 1e-6, "std_ddof": 0,
-        "actor_layer_norm": False, "best_of_n": 1, "target_actor": True, "residual": False, "clip_adj": True,
-        "use_target_grad": True, "adam_eps_root": 0.0, "weight_decay": 0.0, "edit_scale": 0.0,
-        "step2_uses_same_batch": True,
-    }
+    FIXTURE_FORMAT = "qam"
+    FIXTURE_FIXED_FLAGS = QAM_REPO_FIXED_FLAGS | {
+        "best_of_n": 1, "target_actor": True, "residual": False, "clip_adj": True, "use_target_grad": True,
+        "edit_scale": 0.0}
     FIXTURE_UNUSED_MODULES = ("target_actor_fast",)
     FIXTURE_METRIC_ALIASES = {"fast_loss": "adj_loss"}
 
@@ -192,16 +189,22 @@ class QAMAgent(Agent):
         inter.update(fm_xt=fm_xt, fm_pred=fm_pred.detach())
         metrics["flow_loss"] = flow_loss.detach()
 
-        terms = {"critic": critic_loss, "flow": flow_loss, "adjoint": self.adjoint_loss(obs, draws, metrics, inter)}
+        terms = {"critic": critic_loss, "flow": flow_loss}
+        terms["adjoint"], adjoint_metrics, adjoint_inter = self.adjoint_loss(obs, draws)
+        metrics.update(adjoint_metrics)
+        inter.update(adjoint_inter)
         if hp.variant == "QAM-F":
-            terms["one_step"] = self.one_step_policy_loss(obs, draws["fql_z"], metrics, inter)
+            terms["one_step"], one_step_metrics, one_step_inter = self.one_step_policy_loss(obs, draws["fql_z"])
+            metrics.update(one_step_metrics)
+            inter.update(one_step_inter)
         elif hp.variant == "QAM-E":
-            terms["edit"], terms["alpha"] = self.edit_policy_loss(obs, draws, metrics)
+            terms["edit"], terms["alpha"], edit_metrics = self.edit_policy_loss(obs, draws)
+            metrics.update(edit_metrics)
         total = sum(terms.values())
         metrics["total_loss"] = total.detach()
         return Losses(total, terms, metrics, inter)
 
-    def adjoint_loss(self, obs, draws, metrics, inter) -> torch.Tensor:
+    def adjoint_loss(self, obs, draws) -> tuple[torch.Tensor, dict, dict]:
         """Adjoint matching of f_θ against the EMA base f_β with terminal adjoint ã_K = −τ ∇_x mean_E
         Q_target(s, clip(x)) at x_K: target critic, ensemble mean, no pessimism; coordinates outside [-1, 1] get
         zero gradient."""
@@ -216,12 +219,11 @@ class QAMAgent(Agent):
         adj_loss, am_inter = adjoint_matching_loss(self.actor_fast, self.target_actor_slow, obs, draws["am_x0"],
                                                    draws["am_noise"], self.hp.flow_steps, terminal_adjoint)
         abs_adj = am_inter["am_adj_terminal"].abs()
-        metrics.update(adj_loss=adj_loss.detach(), adj_max=abs_adj.max(), adj_mean=abs_adj.mean(),
+        metrics = dict(adj_loss=adj_loss.detach(), adj_max=abs_adj.max(), adj_mean=abs_adj.mean(),
                        adj_std=abs_adj.std(correction=0))
-        inter.update(am_inter)
-        return adj_loss
+        return adj_loss, metrics, am_inter
 
-    def one_step_policy_loss(self, obs, z, metrics, inter) -> torch.Tensor:
+    def one_step_policy_loss(self, obs, z) -> tuple[torch.Tensor, dict, dict]:
         """QAM-F: α·‖μ_ω(s,z) − clip(ODE_θ(z))‖² − mean Q(s, clip(μ_ω)); the critic is a constant here."""
         with torch.no_grad():
             target_actions = self.flow_actions(obs, z)
@@ -229,11 +231,11 @@ class QAMAgent(Agent):
         distill_loss = (target_actions - mu).square().mean()
         qs = self.critic(obs, mu.clamp(-1.0, 1.0), detach_params=True)
         q_loss = -qs.mean()
-        metrics.update(fql_distill_loss=distill_loss.detach(), fql_q_loss=q_loss.detach())
-        inter.update(fql_flow_actions=target_actions, fql_os_actions=mu.detach(), fql_qs=qs.detach())
-        return q_loss + self.hp.fql_alpha * distill_loss
+        metrics = dict(fql_distill_loss=distill_loss.detach(), fql_q_loss=q_loss.detach())
+        inter = dict(fql_flow_actions=target_actions, fql_os_actions=mu.detach(), fql_qs=qs.detach())
+        return q_loss + self.hp.fql_alpha * distill_loss, metrics, inter
 
-    def edit_policy_loss(self, obs, draws, metrics) -> tuple[torch.Tensor, torch.Tensor]:
+    def edit_policy_loss(self, obs, draws) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """QAM-E: maximise mean_E Q(s, clip(a_flow + β·e)) with SAC-style entropy tuning of α."""
         with torch.no_grad():
             flow_acts = self.flow_actions(obs, draws["edit_z"])
@@ -245,5 +247,5 @@ class QAMAgent(Agent):
         target_entropy = -self.hp.edit_target_entropy_multiplier * self.hp.chunk_dim
         edit_loss = -q.mean() + (alpha.detach() * log_prob).mean()
         alpha_loss = alpha * (entropy.detach() - target_entropy)
-        metrics.update(edit_loss=edit_loss.detach(), edit_entropy=entropy.detach(), edit_alpha=alpha.detach())
-        return edit_loss, alpha_loss
+        metrics = dict(edit_loss=edit_loss.detach(), edit_entropy=entropy.detach(), edit_alpha=alpha.detach())
+        return edit_loss, alpha_loss, metrics

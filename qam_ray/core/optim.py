@@ -46,12 +46,15 @@ def joint_step(agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.T
     optimizer.zero_grad(set_to_none=True)
     losses = agent.losses(batch, draws)
     losses.total.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:  # optax updates every parameter: one no loss reached this step gets a zero gradient
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     metrics = dict(losses.metrics)
     if on_raw_gradients is not None:
         on_raw_gradients()
     if agent.hp.clip_grad_max_norm is not None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        metrics["grad_norm"] = clip_grad_global_norm_(grads, agent.hp.clip_grad_max_norm)
+        metrics["grad_norm"] = clip_grad_global_norm_([p.grad for p in params], agent.hp.clip_grad_max_norm)
     polyak_update_(*agent.target_pairs(), agent.hp.tau)
     optimizer.step()
     return metrics, losses.intermediates

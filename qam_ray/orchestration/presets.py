@@ -58,9 +58,9 @@ PRESETS = {
                      eval_every=20_000, eval_episodes=25, checkpoint_every=20, search=True, num_samples=24,
                      max_concurrent=4),
     # The README's first command: QAM and FQL side by side on generated data, within 15 minutes on 2 cores.
-    "quickstart": Preset(["cube-single-play"], [2], [0, 1], ["QAM", "FQL"], steps=1500, steps_per_iteration=250,
-                         eval_every=750, eval_episodes=10, checkpoint_every=3, overrides=dict(SMALL),
-                         dataset_dir="data/generated", generate=("cube-single", "play", 40)),
+    "quickstart": Preset(["cube-single-play"], [2], [0, 1], ["QAM", "FQL"], steps=3000, steps_per_iteration=250,
+                         eval_every=1500, eval_episodes=20, checkpoint_every=6, overrides=dict(SMALL),
+                         dataset_dir="data/generated", generate=("cube-single", "play", 100)),
     "smoke": Preset(["cube-single-play"], [2], [0, 1], ["QAM"], steps=8, steps_per_iteration=4, eval_every=8,
                     eval_episodes=1, checkpoint_every=1, overrides=dict(TINY), batch_size=16,
                     dataset_dir="data/smoke", generate=("cube-single", "play", 2)),

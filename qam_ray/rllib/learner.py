@@ -99,11 +99,7 @@ class AgentLearner(TorchLearner):
         return means
 
     def _average_gradients(self) -> None:
-        params = list(self.agent_module.agent.online_parameters())
-        for p in params:  # a parameter no loss reached this step still takes part, with a zero gradient
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in self.agent_module.agent.online_parameters()]  # joint_step gives each one
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
