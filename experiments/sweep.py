@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 try:
@@ -32,8 +33,8 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo; also silences GLFW
 
 from qam_ray.agents import METHOD_NAMES
 from qam_ray.domains import DOMAIN_NAMES
-from qam_ray.orchestration.presets import PRESET_FLAGS, PRESETS, check_data, resolve, warn_about_100m_domains
-from qam_ray.orchestration.sweep import SweepOptions, dry_run_summary, run_sweep
+from qam_ray.orchestration.presets import PRESET_FLAGS, PRESETS, resolve, warn_about_100m_domains
+from qam_ray.orchestration.sweep import SweepOptions, dry_run_summary, preflight_errors, run_sweep
 
 
 def parse_args(argv=None):
@@ -65,6 +66,8 @@ def parse_args(argv=None):
     online.add_argument("--continue-run", help="MLflow run id the trial continues instead of a new child run "
                         "(one trial only)")
     p.add_argument("--dataset-dir", help="OGBench dataset folder (default: the preset's, else OGBench's download dir)")
+    p.add_argument("--generate", action="store_true", help="generate the preset's dataset into --dataset-dir if it "
+                   "is missing (without this flag only the preset's own folder is generated into)")
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--gpus-per-trial", type=float, default=0, help="fractions let several trials share a GPU")
     p.add_argument("--storage-path", default="ray_results", help="Tune results and checkpoints (shared on clusters)")
@@ -79,6 +82,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # SIGTERM ends the sweep cleanly
     parser, args = parse_args(argv)
     flags = {field: getattr(args, field) for field in PRESET_FLAGS} | {"overrides": args.overrides}
     preset, specs, errors = resolve(args.preset, flags, gpus_per_trial=args.gpus_per_trial,
@@ -91,11 +95,13 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(dry_run_summary(preset, specs, name, verbose=args.verbose))
         return 0
-    check_data(preset)
     options = SweepOptions(name=name, preset_name=args.preset, storage_path=args.storage_path,
                            tracking_uri=args.tracking_uri, experiment=args.experiment,
                            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                            max_failures=args.max_failures, resume=args.resume)
+    errors = preflight_errors(preset, options, generate=args.generate or args.dataset_dir is None)
+    if errors:
+        parser.exit(2, "sweep.py: error:\n  " + "\n  ".join(errors) + "\n")
     return run_sweep(preset, specs, options)
 
 

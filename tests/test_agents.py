@@ -39,7 +39,7 @@ def make(case: str, **kw):
     method, extra = CASES[case]
     cls = agent_class(method)
     torch.manual_seed(0)
-    hp = cls.Hyperparams(**SMALL, **{**extra, **kw})
+    hp = cls.Hyperparams(**{**SMALL, **extra, **kw})
     return cls(hp).double()
 
 
@@ -320,3 +320,18 @@ def test_global_norm_clip_matches_optax():
     small = [torch.tensor([0.3, 0.4])]  # below the threshold: untouched
     clip_grad_global_norm_(small, 1.0)
     torch.testing.assert_close(small[0], torch.tensor([0.3, 0.4]))
+
+
+def test_a_parameter_no_loss_reaches_still_gets_a_zero_gradient_as_optax_gives_it():
+    """BAM with one flow step has no SDE step, so no loss reaches f_θ: optax still updates it with a zero gradient
+    (its Adam moments decay), and the learners' gradient all-reduce needs every gradient to exist."""
+    agent = make("BAM", flow_steps=1)
+    seen = {}
+
+    def grads_before_the_clip():
+        seen.update({name: p.grad for name, p in agent.named_parameters() if p.requires_grad})
+
+    agent.update(agent.make_optimizer(), batch(), draws(agent), on_raw_gradients=grads_before_the_clip)
+    assert all(g is not None for g in seen.values())
+    fast = [g for name, g in seen.items() if name.startswith("actor_fast.")]
+    assert fast and all(float(g.abs().max()) == 0.0 for g in fast)

@@ -32,7 +32,7 @@ def test_paper_online_dry_run_lists_every_trial(capsys):
 
 
 def test_online_flags_are_validated_before_ray(capsys, tmp_path):
-    cases = ((["--utd-ratio", "0"], "--utd-ratio > 0"),
+    cases = ((["--utd-ratio", "0"], "--utd-ratio 0.0: must be a finite number > 0"),
              (["--seeds", "0", "1", "--offline-checkpoint", str(tmp_path)], "belongs to one trial"),
              (["--seeds", "0", "--offline-checkpoint", str(tmp_path)], "no learner_group/ folder"))
     for argv, message in cases:

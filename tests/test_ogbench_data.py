@@ -118,8 +118,19 @@ def test_loads_official_format_files_without_download(tmp_path, cube_arrays, no_
     np.testing.assert_array_equal(unclipped.train['actions'][0], train['actions'][0])
 
 
+def describing_manifest(folder, stem: str, env: str, dataset_type: str) -> dict:
+    """A generated-data manifest that agrees with the files beside it (rows and checksums), as the loader demands."""
+    import hashlib
+
+    files = {name: folder / name for name in (f'{stem}.npz', f'{stem}-val.npz')}
+    rows = [len(np.load(path)['observations']) for path in files.values()]
+    return {'source': 'generated', 'env': env, 'dataset_type': dataset_type, 'seed': 0, 'episodes': rows[0],
+            'val_episodes': rows[1], 'episode_length': 1,
+            'files': {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}}
+
+
 def test_sparse_rewards_and_generated_source(puzzle_dir, no_network):
-    manifest = {'source': 'generated', 'env': 'puzzle-3x3', 'dataset_type': 'play', 'seed': 0}
+    manifest = describing_manifest(puzzle_dir, 'puzzle-3x3-play-v0', 'puzzle-3x3', 'play')
     (puzzle_dir / 'puzzle-3x3-play-v0.manifest.json').write_text(json.dumps(manifest))
     dense = load_offline_dataset('puzzle-3x3-play-singletask-task1-v0', dataset_dir=puzzle_dir)
     sparse = load_offline_dataset('puzzle-3x3-play-singletask-task1-v0', dataset_dir=puzzle_dir, sparse=True)
@@ -132,6 +143,10 @@ def test_sparse_rewards_and_generated_source(puzzle_dir, no_network):
         np.testing.assert_array_equal(getattr(sparse, split)['rewards'], expected)
         np.testing.assert_array_equal(getattr(sparse, split)['masks'], getattr(dense, split)['masks'])
     assert sparse.sparse and not dense.sparse
+    manifest['files']['puzzle-3x3-play-v0.npz'] = '0' * 64  # a manifest that contradicts its file is refused
+    (puzzle_dir / 'puzzle-3x3-play-v0.manifest.json').write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match='does not match the checksum'):
+        load_offline_dataset('puzzle-3x3-play-singletask-task1-v0', dataset_dir=puzzle_dir)
 
 
 def test_missing_qpos_names_the_key_and_the_generator(tmp_path, cube_arrays):

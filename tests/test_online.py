@@ -181,6 +181,32 @@ def test_resume_from_an_online_checkpoint(online_run, tiny_dataset_dir):
     assert result["online"]["gradient_steps"] == saved_steps + PER_ITERATION
 
 
+def test_an_online_checkpoint_reopens_after_its_offline_start_is_gone(local_ray, tiny_dataset_dir, tmp_path):
+    """The offline folder an online phase started from is often temporary (a sweep trial's hand-over): the online
+    checkpoint must not need it (it was pickled into the config before the fix)."""
+    import shutil
+
+    from qam_ray.rllib import AgentAlgorithm
+
+    offline_checkpoint(tiny_dataset_dir, tmp_path / "offline")
+    shutil.copytree(tmp_path / "offline", tmp_path / "handover")
+    algo = online_config(tiny_dataset_dir, str(tmp_path / "handover"), runners=1, start_training=0).build_algo()
+    try:
+        algo.train()
+        algo.save_to_path(str(tmp_path / "online"))
+        saved_rows, saved_steps, _ = learner_state(algo)
+    finally:
+        algo.stop()
+    shutil.rmtree(tmp_path / "handover")
+    reopened = AgentAlgorithm.from_checkpoint(str(tmp_path / "online"))
+    try:
+        rows, steps, _ = learner_state(reopened)
+        assert steps == saved_steps and len(rows["rewards"]) == len(saved_rows["rewards"])
+        assert reopened.train()["online"]["gradient_steps"] > saved_steps
+    finally:
+        reopened.stop()
+
+
 def test_sparse_domain_stores_online_rewards_like_its_dataset(local_ray, tiny_puzzle_dataset_dir, tmp_path):
     offline_checkpoint(tiny_puzzle_dataset_dir, tmp_path / "offline", domain="puzzle-3x3-play")
     algo = online_config(tiny_puzzle_dataset_dir, str(tmp_path / "offline"), domain="puzzle-3x3-play",

@@ -102,6 +102,37 @@ def test_two_learners_average_gradients(local_ray, tiny_dataset_dir):
         np.testing.assert_array_equal(weights_a[key], weights_b[key], err_msg=key)
 
 
+def adam_first_moments(learner) -> list[np.ndarray]:
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    optimizer = learner.get_optimizer(DEFAULT_MODULE_ID, "adam")
+    return [optimizer.state[p]["exp_avg"].cpu().numpy() for p in learner.agent_module.agent.online_parameters()]
+
+
+def test_two_learners_average_their_gradients_rather_than_sum_them(local_ray, tiny_dataset_dir):
+    """With both learners sampling the same batch, the averaged gradient equals one learner's own, so Adam's first
+    moment m₁ = (1−β₁)·g matches a single learner's exactly; a sum would double it (Adam's first *step* is nearly
+    scale-free, so the weights alone could not tell).  No clip here: it would normalise a doubled gradient back."""
+    single = tiny_config(tiny_dataset_dir, num_learners=1).training(num_steps_per_iteration=1, grad_clip=None).build_algo()
+    try:
+        single.train()
+        (expected,) = [r.get() for r in single.learner_group.foreach_learner(adam_first_moments)]
+    finally:
+        single.stop()
+    pair = tiny_config(tiny_dataset_dir, num_learners=2).training(num_steps_per_iteration=1, grad_clip=None).build_algo()
+    try:
+        (rank0_state,) = [r.get() for r in pair.learner_group.foreach_learner(
+            lambda learner: learner._generator.get_state())][:1]
+        pair.learner_group.foreach_learner(lambda learner: learner._generator.set_state(rank0_state))
+        pair.train()
+        moments = [r.get() for r in pair.learner_group.foreach_learner(adam_first_moments)]
+    finally:
+        pair.stop()
+    for rank in moments:
+        for ours, theirs in zip(rank, expected):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-9)
+
+
 @pytest.mark.parametrize("method, algo_class", [("QAM", QAM), ("FQL", FQL)])
 def test_checkpoint_restore_continues_identically(local_ray, tiny_dataset_dir, tmp_path, method, algo_class):
     algo = tiny_config(tiny_dataset_dir, method).build_algo()
@@ -156,3 +187,21 @@ def test_nan_loss_stops_training(local_ray, tiny_dataset_dir):
             algo.train()
     finally:
         algo.stop()
+
+
+def test_a_horizon_length_override_replays_the_env_with_that_chunk_length(local_ray, tiny_dataset_dir):
+    """``--set horizon_length=1`` on a chunk-5 domain used to pass validation and fail at the first update (the
+    env kept its 5-action chunks); the env now follows the override, and a mismatch is an error before building."""
+    config = tiny_config(tiny_dataset_dir).training(horizon_length=1)
+    assert config.action_space.shape == (5,) and config.env_config["horizon"] == 1
+    algo = config.evaluation(evaluation_interval=1, evaluation_duration=1).build_algo()
+    try:
+        result = algo.train()
+    finally:
+        algo.stop()
+    assert np.isfinite(result["learners"]["default_policy"]["total_loss"])
+    assert result["evaluation"]["env_runners"]["episode_env_steps"] > 0
+    mismatched = tiny_config(tiny_dataset_dir)
+    mismatched.horizon_length = 1  # set behind .training()'s back
+    with pytest.raises(ValueError, match="the env plays chunks of 5"):
+        mismatched.validate()

@@ -58,17 +58,18 @@ def test_bad_options_fail_before_ray(capsys):
         assert message in capsys.readouterr().err
 
 
-def test_missing_dataset_names_the_generator(tmp_path):
-    with pytest.raises(SystemExit, match="generate_data.py --env cube-double --type play"):
+def test_missing_dataset_names_the_generator(tmp_path, capsys):
+    with pytest.raises(SystemExit):
         sweep.main(["--preset", "paper", "--domains", "cube-double-play", "--dataset-dir", str(tmp_path),
                     "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    assert "generate_data.py --env cube-double --type play" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
 def smoke_sweep(local_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root}/mlflow.db"
-    argv = ["--preset", "smoke", "--methods", *SMOKE_METHODS, "--dataset-dir", str(root / "data"),
+    argv = ["--preset", "smoke", "--methods", *SMOKE_METHODS, "--dataset-dir", str(root / "data"), "--generate",
             "--storage-path", str(root / "results"), "--tracking-uri", uri, "--name", "smoke-test"]
     assert sweep.main(argv) == 0
     return root, uri, argv

@@ -98,6 +98,8 @@ def load_offline_dataset(env_name: str, dataset_dir: str | os.PathLike | None = 
     except json.JSONDecodeError as error:
         raise DatasetError(f'the manifest of {name.dataset_name} in {dataset_dir} is not valid JSON ({error}); '
                            'regenerate the dataset.') from None
+    if manifest is not None:
+        _check_manifest(manifest, name, [train_path, val_path])
     with open(train_path, 'rb') as file:
         sha256 = hashlib.file_digest(file, 'sha256').hexdigest()
     return OfflineDataset(
@@ -111,6 +113,50 @@ def load_offline_dataset(env_name: str, dataset_dir: str | os.PathLike | None = 
         train=splits['train'],
         val=splits['val'],
     )
+
+
+def check_dataset_files(env_name: str, dataset_dir: str | os.PathLike) -> str:
+    """Validate the two files of ``env_name``'s dataset in ``dataset_dir`` cheaply, without loading their arrays
+    (the headers, keys, dtypes, shapes, episode ends, and a generated dataset's manifest against its files), so a
+    sweep can refuse bad data before Ray starts.  Returns 'generated' or 'official'; raises DatasetError."""
+    name = _parse_name(env_name)
+    dataset_dir = os.path.abspath(os.path.expanduser(dataset_dir))
+    paths = [os.path.join(dataset_dir, f'{name.dataset_name}{suffix}.npz') for suffix in ('', '-val')]
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:
+        raise DatasetError(f'{", ".join(missing)} missing. {_how_to_get_data(name)}')
+    for path in paths:
+        _check_raw_file(path, name)
+    try:
+        manifest = read_manifest(dataset_dir, name.dataset_name)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f'the manifest of {name.dataset_name} in {dataset_dir} is not valid JSON ({error}); '
+                           'regenerate the dataset.') from None
+    if manifest is not None:
+        _check_manifest(manifest, name, paths)
+    return 'official' if manifest is None else 'generated'
+
+
+def _check_manifest(manifest: dict, name: SingletaskName, paths: list[str]) -> None:
+    """A generated dataset's manifest must describe the files beside it: env, type, rows and checksums."""
+    fix = 'regenerate the dataset (experiments/generate_data.py), or remove the manifest of an official file.'
+    where = os.path.join(os.path.dirname(paths[0]), f'{name.dataset_name}.manifest.json')
+    if (manifest.get('env'), manifest.get('dataset_type')) != (name.env_prefix, name.dataset_type):
+        raise DatasetError(f'{where} describes {manifest.get("env")}-{manifest.get("dataset_type")}, not '
+                           f'{name.domain_name}; {fix}')
+    rows = {paths[0]: manifest.get('episodes', 0) * manifest.get('episode_length', 0),
+            paths[1]: manifest.get('val_episodes', 0) * manifest.get('episode_length', 0)}
+    files = manifest.get('files', {})
+    for path in paths:
+        actual = _npy_headers(path)['observations'][0][0]
+        if actual != rows[path]:
+            raise DatasetError(f'{where} says {rows[path]} rows for {os.path.basename(path)}, the file has {actual}; '
+                               f'{fix}')
+        with open(path, 'rb') as file:
+            digest = hashlib.file_digest(file, 'sha256').hexdigest()
+        if files.get(os.path.basename(path)) != digest:
+            raise DatasetError(f'{os.path.basename(path)} does not match the checksum in {where} (the file changed '
+                               f'after generation); {fix}')
 
 
 def _parse_name(env_name: str) -> SingletaskName:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import os
 import sys
 
@@ -121,7 +122,7 @@ def resolve(preset_name: str, flags: dict, gpus_per_trial: float = 0, cpus_per_t
     for field in PRESET_FLAGS:
         if flags.get(field) is not None:
             setattr(preset, field, flags[field])
-    errors = []
+    errors = number_errors(preset)
     try:
         preset.overrides.update(parse_overrides(flags.get("overrides") or []))
     except ValueError as exc:
@@ -131,6 +132,8 @@ def resolve(preset_name: str, flags: dict, gpus_per_trial: float = 0, cpus_per_t
         return preset, [], errors + [f"--methods {' '.join(unknown)}: known methods are {', '.join(METHOD_NAMES)}"]
     if len(set(preset.methods)) != len(preset.methods):
         errors.append(f"--methods {' '.join(preset.methods)}: each method once")
+    if errors:  # the arithmetic below needs valid numbers
+        return preset, [], errors
     if preset.eval_every % preset.steps_per_iteration or preset.steps % preset.eval_every:
         errors.append(f"--eval-every {preset.eval_every} must be a multiple of {preset.steps_per_iteration} "
                       f"and divide --steps {preset.steps}")
@@ -166,10 +169,36 @@ def resolve(preset_name: str, flags: dict, gpus_per_trial: float = 0, cpus_per_t
     return preset, specs, []
 
 
+# flag → (least value, integer?) of every number a preset holds.
+NUMBER_RULES = {
+    "steps": (1, True), "steps_per_iteration": (1, True), "eval_every": (1, True), "eval_episodes": (1, True),
+    "batch_size": (1, True), "num_samples": (1, True), "max_concurrent": (1, True), "online_steps": (0, True),
+    "online_eval_every": (1, True), "start_training": (0, True), "env_runners": (1, True),
+    "envs_per_env_runner": (1, True), "rollout_fragment_length": (1, True), "utd_ratio": (0, False),
+    "cpus_per_env_runner": (0, False),
+}
+
+
+def number_errors(preset: Preset) -> list[str]:
+    """Every number in range (positive, finite, integer where it must be), named by its flag."""
+    errors = []
+    for field, (least, integer) in NUMBER_RULES.items():
+        value = getattr(preset, field)
+        ok = (isinstance(value, int) and not isinstance(value, bool)) if integer else (
+            isinstance(value, (int, float)) and math.isfinite(value))
+        strict = not integer  # utd_ratio, cpus: > 0; the integers: >= their least value
+        if not ok or (value <= least if strict else value < least):
+            kind = "an integer" if integer else "a finite number"
+            errors.append(f"--{field.replace('_', '-')} {value!r}: must be {kind} {'>' if strict else '>='} {least}")
+    for field in ("tasks", "seeds"):
+        bad = [v for v in getattr(preset, field) if not isinstance(v, int) or v < (1 if field == "tasks" else 0)]
+        if bad:
+            errors.append(f"--{field} {bad}: {'tasks are 1..5' if field == 'tasks' else 'seeds are integers >= 0'}")
+    return errors
+
+
 def online_errors(preset: Preset, offline_checkpoint: str | None, continue_run: str | None) -> list[str]:
     errors = []
-    if preset.online_steps < 0 or preset.utd_ratio <= 0 or preset.start_training < 0:
-        errors.append("--online-steps and --start-training must be >= 0 and --utd-ratio > 0")
     if preset.online_steps and (preset.env_runners < 1 or preset.envs_per_env_runner < 1
                                 or preset.rollout_fragment_length < 1 or preset.online_eval_every < 1):
         errors.append("--env-runners, --envs-per-env-runner, --rollout-fragment-length and --online-eval-every "
@@ -187,23 +216,39 @@ def online_errors(preset: Preset, offline_checkpoint: str | None, continue_run: 
     return errors
 
 
-def check_data(preset: Preset) -> None:
-    """Generate the preset's data if it asks for it; otherwise fail before Ray when a local dataset is missing."""
-    if preset.dataset_dir is None:
-        return  # OGBench's own folder: the trial downloads what is missing
-    if preset.generate is not None:
-        env, kind, episodes = preset.generate
-        if not os.path.exists(os.path.join(preset.dataset_dir, f"{env}-{kind}-v0.npz")):
-            from qam_ray.data.generate import generate_dataset
+def data_errors(preset: Preset, generate: bool) -> list[str]:
+    """Every dataset the sweep needs, validated on disk without loading it (``check_dataset_files``).
 
-            generate_dataset(env, kind, episodes=episodes, seed=0, out_dir=preset.dataset_dir,
-                             episode_length=1001 if episodes > 5 else 100, workers=min(2, os.cpu_count() or 1))
-    for domain in preset.domains:
-        name = domain_of_env(f"{domain}-singletask-task1-v0").name
-        if not os.path.exists(os.path.join(preset.dataset_dir, f"{name}-v0.npz")):
-            raise SystemExit(f"error: {preset.dataset_dir}/{name}-v0.npz is missing. Stage the official file there, "
-                             f"or generate one: python experiments/generate_data.py --env {name.rsplit('-', 1)[0]} "
-                             f"--type {name.rsplit('-', 1)[1]} --episodes 100 --out {preset.dataset_dir}")
+    A missing dataset is generated only when the preset asks for it *and* the folder is the preset's own (or
+    ``generate`` is set): a mistyped ``--dataset-dir`` must not fill a new folder silently.
+    """
+    if preset.dataset_dir is None:
+        return []  # OGBench's own folder: the trial downloads what is missing
+    from qam_ray.data.ogbench_data import DatasetError, check_dataset_files
+
+    errors = []
+    for domain in dict.fromkeys(domain_of_env(f"{d}-singletask-task1-v0").name for d in preset.domains):
+        env_name = f"{domain}-singletask-task1-v0"
+        path = os.path.join(preset.dataset_dir, f"{domain}-v0.npz")
+        if not os.path.exists(path) and preset.generate is not None and generate:
+            env, kind, episodes = preset.generate
+            if f"{env}-{kind}" == domain:
+                from qam_ray.data.generate import generate_dataset
+
+                print(f"generating {episodes} episodes of {domain} into {preset.dataset_dir} …", file=sys.stderr)
+                generate_dataset(env, kind, episodes=episodes, seed=0, out_dir=preset.dataset_dir,
+                                 episode_length=1001 if episodes > 5 else 100, workers=min(2, os.cpu_count() or 1))
+        if not os.path.exists(path):
+            errors.append(f"{path} is missing. Stage the official file there, or generate one: python "
+                          f"experiments/generate_data.py --env {domain.rsplit('-', 1)[0]} --type "
+                          f"{domain.rsplit('-', 1)[1]} --episodes 100 --out {preset.dataset_dir}"
+                          + (" (or pass --generate to let the sweep do it)" if preset.generate else ""))
+            continue
+        try:
+            check_dataset_files(env_name, preset.dataset_dir)
+        except DatasetError as error:
+            errors.append(str(error))
+    return errors
 
 
 def warn_about_100m_domains(preset: Preset) -> None:

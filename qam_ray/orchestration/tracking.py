@@ -8,9 +8,11 @@ beside it: trials run in Ray's session directories, so nothing may be relative.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
+import traceback
 
 DEFAULT_EXPERIMENT = "qam_ray"
 ROLE_TAG = "qam_ray.role"  # "sweep" on parent runs, "trial" on child runs
@@ -21,18 +23,40 @@ def default_tracking_uri(base_dir: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(base_dir)}/mlflow.db"
 
 
+@contextlib.contextmanager
+def store_lock(tracking_uri: str):
+    """For a local sqlite store, an exclusive lock on ``<db>.lock`` while the store and its experiment are created:
+    two sweeps starting together would otherwise both run MLflow's schema migration and one would crash."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = os.path.abspath(tracking_uri[len("sqlite:///"):]) + ".lock"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def ensure_experiment(tracking_uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
-    """The experiment's id, creating it with an absolute artifact location next to a local sqlite store."""
+    """The experiment's id, creating it (and the store) with an absolute artifact location next to a local sqlite
+    store; safe when several sweeps start at once."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifact_location = None
-    if tracking_uri.startswith("sqlite:///"):
-        artifact_location = "file://" + os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts")
-    return client.create_experiment(name, artifact_location=artifact_location)
+    with store_lock(tracking_uri):
+        client = MlflowClient(tracking_uri)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        artifact_location = None
+        if tracking_uri.startswith("sqlite:///"):
+            artifact_location = "file://" + os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]),
+                                                         "mlartifacts")
+        return client.create_experiment(name, artifact_location=artifact_location)
 
 
 def parent_run(tracking_uri: str, experiment_id: str, sweep: str, tags: dict[str, str]) -> str:
@@ -63,42 +87,86 @@ def trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, name: s
     return run.info.run_id
 
 
+ERROR_TAG = "error"  # on a failed run: the one-line reason (the traceback is its errors/ artifact)
+
+
+def mark_failed(tracking_uri: str, run_id: str, error: BaseException) -> None:
+    """Mark a run FAILED with the reason as a tag and the traceback as an artifact (never raises: the original
+    error is what matters)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri)
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:5000]
+        client.set_tag(run_id, ERROR_TAG, reason)
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        client.log_text(run_id, text, f"errors/{time.strftime('%Y%m%d-%H%M%S')}-{type(error).__name__}.txt")
+        client.set_terminated(run_id, "FAILED")
+    except Exception as tracking_error:  # noqa: BLE001 - report, but never hide the trial's own error
+        print(f"warning: could not mark MLflow run {run_id} FAILED: {tracking_error}")
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    """A retried or resumed trial's run is RUNNING again; an earlier attempt's error stays in its errors/ artifact."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    client.update_run(run_id, status="RUNNING")
+    if ERROR_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, ERROR_TAG)
+
+
+def last_logged_steps(tracking_uri: str, run_id: str) -> dict[str, int]:
+    """The highest step MLflow holds for each metric of a run (empty for a new run)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    keys = client.get_run(run_id).data.metrics
+    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
 class MetricBuffer:
     """Metrics held back until the checkpoint that covers them is saved, then written in batches.
 
-    The pending entries are also stored in that checkpoint (``pending``): a trial killed between saving it and
-    flushing restores them and logs what MLflow lacks (``flush(skip_logged=True)``).  After a restart the run's
-    history therefore has every step exactly once.
+    The pending entries are also stored in that checkpoint (``pending``), so a trial killed between saving it and
+    flushing restores and logs them.  Whatever checkpoint a trial restarts from (Tune may restore an older one
+    than MLflow has seen, after a driver kill), steps MLflow already holds for a metric are dropped: the run's
+    history has every step exactly once.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, pending=()):
         self.tracking_uri, self.run_id = tracking_uri, run_id
-        self._pending = [tuple(entry) for entry in pending]  # (key, value, timestamp ms, step)
+        self._logged = last_logged_steps(tracking_uri, run_id)  # metric → the last step MLflow holds
+        self._pending = []
+        for key, value, timestamp, step in pending:
+            self._keep(key, value, timestamp, step)
 
     @property
     def pending(self) -> list[list]:
         return [list(entry) for entry in self._pending]
 
+    def _keep(self, key: str, value: float, timestamp: int, step: int) -> None:
+        if step > self._logged.get(key, -1):
+            self._pending.append((key, float(value), int(timestamp), int(step)))
+
     def add(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self._pending += [(k, float(v), now, int(step)) for k, v in metrics.items()]
+        for key, value in metrics.items():
+            self._keep(key, value, now, step)
 
-    def flush(self, skip_logged: bool = False) -> None:
-        """Write the pending entries; with ``skip_logged``, only steps past each metric's last logged step."""
+    def flush(self) -> None:
+        """Write the pending entries."""
         if not self._pending:
             return
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.tracking_uri)
-        entries = self._pending
-        if skip_logged:
-            last = {key: max((m.step for m in client.get_metric_history(self.run_id, key)), default=-1)
-                    for key in {entry[0] for entry in entries}}
-            entries = [entry for entry in entries if entry[3] > last[entry[0]]]
-        metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in entries]
+        metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in self._pending]
         for start in range(0, len(metrics), 1000):  # MLflow's log_batch limit
             client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+        for key, _, _, step in self._pending:
+            self._logged[key] = max(step, self._logged.get(key, -1))
         self._pending = []
 
 
@@ -114,7 +182,7 @@ def run_checkpoint(tracking_uri: str, run_id: str) -> tuple[str, dict]:
     """The latest algorithm checkpoint of a sweep trial's run and the trial's resolved spec.
 
     Raises ValueError naming what is missing: the run, its ``checkpoint_dir`` tag (set by sweep trials), a
-    ``checkpoint_*/algorithm`` folder there, or the ``config/resolved_config.json`` artifact of a finished trial.
+    ``checkpoints/step_*/algorithm`` folder there, or the ``config/resolved_config.json`` artifact of a finished trial.
     """
     import json
     import tempfile
@@ -130,12 +198,13 @@ def run_checkpoint(tracking_uri: str, run_id: str) -> tuple[str, dict]:
     folder = run.data.tags.get(CHECKPOINT_DIR_TAG)
     if not folder:
         raise ValueError(f"run {run_id} has no checkpoint_dir tag (it is not a sweep trial): pass --checkpoint PATH")
-    checkpoints = sorted(d for d in os.listdir(folder) if d.startswith("checkpoint_")) if os.path.isdir(folder) else []
-    checkpoints = [os.path.join(folder, d, "algorithm") for d in checkpoints
-                   if os.path.isdir(os.path.join(folder, d, "algorithm"))]
+    root = os.path.join(folder, "checkpoints")  # the trial's own checkpoints (orchestration.trial.save_checkpoint)
+    checkpoints = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
+    checkpoints = [os.path.join(root, d, "algorithm") for d in checkpoints
+                   if os.path.isdir(os.path.join(root, d, "algorithm"))]
     if not checkpoints:
-        raise ValueError(f"no checkpoint_*/algorithm folder in {folder} (run {run_id}); was the storage path moved? "
-                         "pass --checkpoint PATH")
+        raise ValueError(f"no checkpoints/step_*/algorithm folder in {folder} (run {run_id}); was the storage path "
+                         "moved? pass --checkpoint PATH")
     with tempfile.TemporaryDirectory() as directory:
         try:
             path = client.download_artifacts(run_id, "config/resolved_config.json", directory)

@@ -2,7 +2,8 @@
 with MLflow logging and checkpoint/resume.
 
 The trial's ``spec`` (plain values, built by ``presets.resolve``) names the method, task, seed, data, budget and
-tracking target.  Progress reaches MLflow only after the checkpoint that covers it is saved, and the
+tracking target.  The trial keeps its own checkpoints in its folder under the storage path (``save_checkpoint``)
+and restarts from the newest.  Progress reaches MLflow only after the checkpoint that covers it is saved, and the
 not-yet-logged metrics travel inside that checkpoint (``MetricBuffer``); the child run is found again by the
 Tune trial id.  So a trial restarted after a failure, or by ``--resume``, continues the same run from the
 checkpoint step with every step logged exactly once.
@@ -35,11 +36,15 @@ def agent_trial(config: dict, base_spec: dict | None = None) -> None:
     Phases: offline (``steps`` gradient steps, skipped when ``offline_checkpoint`` names a finished one), then
     online when ``online_steps`` > 0.  One MLflow run covers both on one timeline: step = gradient steps
     offline, offline steps + env steps online (the paper's curves).
+
+    The run is created (or found again) before anything is built, so every failure reaches it: it is marked FAILED
+    with the error.  Errors a retry cannot change (non-finite losses, bad data, an invalid config) end the trial
+    with a ``trial_error`` report instead of an exception, so Tune does not retry them.
     """
     import torch
     from ray import tune
 
-    from qam_ray.orchestration.tracking import MetricBuffer
+    from qam_ray.orchestration.tracking import MetricBuffer, mark_failed
 
     spec = dict(config.get("spec") or base_spec)
     spec["overrides"] = {**spec["overrides"], **{k: v for k, v in config.items() if k != "spec"}}
@@ -47,44 +52,61 @@ def agent_trial(config: dict, base_spec: dict | None = None) -> None:
     online = spec.get("online_steps", 0) > 0
     state = {"phase": "online" if spec.get("offline_checkpoint") else "offline", "step": 0, "offline_steps": None,
              "curve": [], "pending": []}
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            with open(os.path.join(directory, TRIAL_STATE)) as f:
-                state = json.load(f)
-            algo = _build_algo(spec, state["phase"], offline_checkpoint=None)
-            algo.restore_from_path(os.path.join(directory, "algorithm"))
-    else:
-        algo = _build_algo(spec, state["phase"], offline_checkpoint=spec.get("offline_checkpoint"))
-    hyperparams = _hyperparams(algo.config)
-    run_id = spec.get("mlflow_run_id") or _find_or_create_run(spec, hyperparams, algo.dataset_info)
-    if spec.get("mlflow_run_id"):  # a continued run: its checkpoints now live with this trial
-        _add_params(spec, run_id, _online_params(spec))
-        from mlflow.tracking import MlflowClient
+    run_id, algo = None, None
+    try:
+        fresh_config = _algo_config(spec, state["phase"], offline_checkpoint=spec.get("offline_checkpoint"))
+        hyperparams = vars(fresh_config.hyperparams_for_spaces())
+        run_id = spec.get("mlflow_run_id") or _find_or_create_run(spec, hyperparams)
+        if spec.get("mlflow_run_id"):  # a continued run: its checkpoints now live with this trial
+            _add_params(spec, run_id, _online_params(spec))
+        checkpoints = trial_checkpoints(_checkpoint_dir(spec))
+        if checkpoints:  # a retried or resumed trial
+            algo, state = restore_newest_readable(spec, checkpoints)
+        else:
+            algo = fresh_config.build_algo()
+        _set_run_tags(spec, run_id, algo.dataset_info)
+        # Steps MLflow already holds are never logged again, whichever checkpoint Tune restored.
+        metrics = MetricBuffer(spec["tracking"]["uri"], run_id, state["pending"])
+        metrics.flush()
 
-        MlflowClient(spec["tracking"]["uri"]).set_tag(run_id, CHECKPOINT_DIR_TAG, _checkpoint_dir(spec))
-    metrics = MetricBuffer(spec["tracking"]["uri"], run_id, state["pending"])
-    metrics.flush(skip_logged=True)  # what the restored checkpoint covers but a killed run may not have logged
+        if state["phase"] == "offline":
+            _run_phase(algo, spec, state, metrics, _offline_row, done=lambda step: step >= spec["steps"])
+            if online:
+                with tempfile.TemporaryDirectory() as directory:  # hand the learner state to the online algorithm
+                    algo.save_to_path(directory)
+                    algo.stop()
+                    algo = _algo_config(spec, "online", offline_checkpoint=directory).build_algo()
+                state["phase"] = "online"
+        if state["phase"] == "online":
+            if state["offline_steps"] is None:  # the learner's gradient steps when the online phase began
+                state["offline_steps"] = algo.learner_value(lambda learner: learner.gradient_steps)
+            offset = state["offline_steps"]
+            _run_phase(algo, spec, state, metrics, lambda result: _online_row(result, offset),
+                       done=lambda step: step - offset >= spec["online_steps"])
+        _finish_run(spec, run_id, hyperparams, state["curve"])
+    except Exception as error:
+        if run_id is not None:
+            mark_failed(spec["tracking"]["uri"], run_id, error)
+        if not isinstance(error, not_retried_errors()):
+            raise
+        # A retry would fail the same way: end the trial with the reason instead of raising.
+        tune.report({"trial_error": f"{type(error).__name__}: {error}".splitlines()[0][:500],
+                     "success_rate": float("nan"), "step": state["step"]})
+    finally:
+        if algo is not None:
+            algo.stop()
 
-    if state["phase"] == "offline":
-        _run_phase(algo, spec, state, metrics, _offline_row, done=lambda step: step >= spec["steps"])
-        if online:
-            with tempfile.TemporaryDirectory() as directory:  # hand the learner state to the online algorithm
-                algo.save_to_path(directory)
-                algo.stop()
-                algo = _build_algo(spec, "online", offline_checkpoint=directory)
-            state["phase"] = "online"
-    if state["phase"] == "online":
-        if state["offline_steps"] is None:  # the learner's gradient steps when the online phase began
-            state["offline_steps"] = algo.learner_value(lambda learner: learner.gradient_steps)
-        offset = state["offline_steps"]
-        _run_phase(algo, spec, state, metrics, lambda result: _online_row(result, offset),
-                   done=lambda step: step - offset >= spec["online_steps"])
-    _finish_run(spec, run_id, hyperparams, state["curve"])
-    algo.stop()
+
+def not_retried_errors() -> tuple[type[Exception], ...]:
+    """Errors that a retry of the same trial cannot change."""
+    from qam_ray.data.ogbench_data import DatasetError, DatasetUnavailableError
+    from qam_ray.rllib.algorithm import InvalidConfigError
+    from qam_ray.training import NonFiniteLossError
+
+    return NonFiniteLossError, DatasetError, DatasetUnavailableError, InvalidConfigError
 
 
-def _build_algo(spec: dict, phase: str, offline_checkpoint: str | None):
+def _algo_config(spec: dict, phase: str, offline_checkpoint: str | None):
     from qam_ray.rllib import build_agent_config
 
     config = build_agent_config(
@@ -99,11 +121,7 @@ def _build_algo(spec: dict, phase: str, offline_checkpoint: str | None):
                   .env_runners(num_env_runners=spec["env_runners"], num_envs_per_env_runner=spec["envs_per_env_runner"],
                                num_cpus_per_env_runner=spec["cpus_per_env_runner"],
                                rollout_fragment_length=spec["rollout_fragment_length"]))
-    return config.build_algo()
-
-
-def _hyperparams(config) -> dict:
-    return vars(config.hyperparams_for_spaces())
+    return config
 
 
 def _offline_row(result: dict) -> tuple[int, dict, dict]:
@@ -148,18 +166,77 @@ def _run_phase(algo, spec: dict, state: dict, metrics, row, done) -> None:
             logged["eval/success_rate"] = report["success_rate"] = float(runners["success_rate"])
             logged["eval/episode_length"] = float(runners["episode_env_steps"])
             state["curve"].append([step, report["success_rate"]])
+        # Every report carries the latest evaluation (NaN before the first), as schedulers and searchers need.
+        report.setdefault("success_rate", state["curve"][-1][1] if state["curve"] else float("nan"))
         metrics.add(logged, step)
         state["step"] = step
         if done(step) or iteration % spec["checkpoint_every"] == 0:
             state["pending"] = metrics.pending
-            with tempfile.TemporaryDirectory() as directory:
-                algo.save_to_path(os.path.join(directory, "algorithm"))
-                with open(os.path.join(directory, TRIAL_STATE), "w") as f:
-                    json.dump(state, f)
-                tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
+            save_checkpoint(_checkpoint_dir(spec), step, algo, state)
             metrics.flush()  # only now is this progress safe from a restart
-        else:
-            tune.report(report)
+        tune.report(report)
+
+
+CHECKPOINTS = "checkpoints"  # <trial folder>/checkpoints/step_<N>/{algorithm/, trial.json}
+KEEP_CHECKPOINTS = 2
+
+
+def save_checkpoint(trial_dir: str, step: int, algo, state: dict) -> str:
+    """Write ``step_<N>`` atomically (a complete folder or none) into the trial's own folder and keep the latest two.
+
+    The trial keeps its checkpoints itself instead of handing them to Tune: after a driver kill Tune restores from
+    its last snapshot of the experiment, which can name a checkpoint its own ``num_to_keep`` has already deleted,
+    and the trial could then never start again.  The trial folder lives under the sweep's storage path, which
+    every trial can reach (a local or shared filesystem).
+    """
+    import shutil
+
+    root = os.path.join(trial_dir, CHECKPOINTS)
+    os.makedirs(root, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".saving-", dir=root)
+    algo.save_to_path(os.path.join(staging, "algorithm"))
+    with open(os.path.join(staging, TRIAL_STATE), "w") as f:
+        json.dump(state, f)
+    final = os.path.join(root, f"step_{step:012d}")
+    if os.path.exists(final):  # a replay of a step after a restart: the newer save wins
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
+
+
+def trial_checkpoints(trial_dir: str) -> list[str]:
+    """A trial's complete checkpoint folders, oldest first."""
+    root = os.path.join(trial_dir, CHECKPOINTS)
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
+    return [os.path.join(root, step) for step in steps]
+
+
+def restore_newest_readable(spec: dict, checkpoints: list[str]):
+    """The algorithm restored from the newest checkpoint that reads back (a damaged one falls back to the one before
+    it), and that checkpoint's trial state.  None readable: an InvalidConfigError naming the folders, which a retry
+    cannot change."""
+    from qam_ray.rllib.algorithm import InvalidConfigError
+
+    problems = []
+    for folder in reversed(checkpoints):
+        try:
+            with open(os.path.join(folder, TRIAL_STATE)) as f:
+                state = json.load(f)
+        except (OSError, ValueError) as error:
+            problems.append(f"{folder}: {type(error).__name__}: {error}".splitlines()[0])
+            continue
+        algo = _algo_config(spec, state["phase"], offline_checkpoint=None).build_algo()
+        try:
+            algo.restore_from_path(os.path.join(folder, "algorithm"))
+            return algo, state
+        except Exception as error:  # noqa: BLE001 - try the older one, and report every reason
+            algo.stop()
+            problems.append(f"{folder}: {type(error).__name__}: {error}".splitlines()[0])
+            print(f"warning: checkpoint {folder} cannot be restored ({problems[-1]}); trying an older one")
+    raise InvalidConfigError("no checkpoint of this trial can be restored: " + "; ".join(problems) +
+                             ". Remove the damaged folders to start the trial over.")
 
 
 ONLINE_PARAMS = ("online_steps", "utd_ratio", "start_training", "online_eval_every", "env_runners",
@@ -182,17 +259,25 @@ def _add_params(spec: dict, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=new)
 
 
-def _run_tags(spec: dict, dataset_info: dict) -> dict[str, str]:
+def _run_tags(spec: dict) -> dict[str, str]:
     from ray import tune
 
     return {
         "agent": spec["agent"], "method": spec["method"], "domain": spec["domain"], "task": str(spec["task"]),
         "env_name": f"{spec['domain']}-singletask-task{spec['task']}-v0", "seed": str(spec["seed"]),
-        "dataset_source": dataset_info["dataset_source"], "dataset_sha256": dataset_info["dataset_sha256"],
         "sweep": spec["tracking"]["sweep"], "git_commit": spec["git_commit"],
-        "tune_trial_id": tune.get_context().get_trial_id(), "tune_trial_dir": tune.get_context().get_trial_dir(),
-        CHECKPOINT_DIR_TAG: _checkpoint_dir(spec),
+        "tune_trial_id": tune.get_context().get_trial_id(), "tune_trial_dir": _checkpoint_dir(spec),
     }
+
+
+def _set_run_tags(spec: dict, run_id: str, dataset_info: dict) -> None:
+    """What is known once the algorithm is built: the dataset, and where this trial keeps its checkpoints."""
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    tags = {"dataset_source": dataset_info["dataset_source"], "dataset_sha256": dataset_info["dataset_sha256"],
+            CHECKPOINT_DIR_TAG: _checkpoint_dir(spec)}
+    MlflowClient(spec["tracking"]["uri"]).log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def _checkpoint_dir(spec: dict) -> str:
@@ -208,12 +293,13 @@ def run_name(spec: dict) -> str:
     return f"{spec['method']} {spec['domain']} t{spec['task']} s{spec['seed']}"
 
 
-def _find_or_create_run(spec: dict, hyperparams: dict, dataset_info: dict) -> str:
-    """The trial's child run; a restarted trial (same Tune trial id) gets its run back instead of a duplicate."""
+def _find_or_create_run(spec: dict, hyperparams: dict) -> str:
+    """The trial's child run; a restarted trial (same Tune trial id) gets its run back, RUNNING again, instead of a
+    duplicate."""
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from qam_ray.orchestration.tracking import trial_run
+    from qam_ray.orchestration.tracking import reopen_run, trial_run
 
     tracking = spec["tracking"]
     client = MlflowClient(tracking["uri"])
@@ -223,13 +309,14 @@ def _find_or_create_run(spec: dict, hyperparams: dict, dataset_info: dict) -> st
         filter_string=f"tags.tune_trial_id = '{trial_id}' and tags.sweep = '{tracking['sweep']}'", max_results=1,
     )
     if found:
+        reopen_run(tracking["uri"], found[0].info.run_id)
         return found[0].info.run_id
     params = {**hyperparams, **_online_params(spec),
               **{k: spec[k] for k in ("steps", "steps_per_iteration", "batch_size", "eval_every", "eval_episodes",
                                       "seed", "method", "gpus", "threads")}}
     name = run_name(spec)
-    return trial_run(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"], name,
-                     _run_tags(spec, dataset_info), params)
+    return trial_run(tracking["uri"], tracking["experiment_id"], tracking["parent_run_id"], name, _run_tags(spec),
+                     params)
 
 
 def _finish_run(spec: dict, run_id: str, hyperparams: dict, curve: list) -> None:
@@ -243,8 +330,8 @@ def _finish_run(spec: dict, run_id: str, hyperparams: dict, curve: list) -> None
     client = MlflowClient(spec["tracking"]["uri"])
     client.log_dict(run_id, {"spec": spec, "hyperparams": hyperparams}, "config/resolved_config.json")
     client.log_dict(run_id, {"checkpoint_dir": _checkpoint_dir(spec),
-                             "note": "its latest checkpoint_* folder holds algorithm/ (AgentAlgorithm.from_checkpoint; "
-                                     "experiments/finetune.py --mlflow-run <run id>)"},
+                             "note": f"its latest {CHECKPOINTS}/step_* folder holds algorithm/ "
+                                     "(AgentAlgorithm.from_checkpoint; experiments/finetune.py --mlflow-run <run id>)"},
                     "checkpoint_reference.json")
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "learning_curve.png")

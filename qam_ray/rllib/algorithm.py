@@ -38,7 +38,8 @@ from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EVALUATION_RESULTS, LEAR
 from qam_ray.agents import agent_class, registry_hyperparams
 from qam_ray.agents.base import field_names
 from qam_ray.domains import domain_of_env
-from qam_ray.rllib.chunk_env import ENV_ID, SuccessMetricsCallback, episode_transitions, make_chunked_env
+from qam_ray.rllib.chunk_env import (ENV_ID, SuccessMetricsCallback, episode_means, episode_transitions,
+                                     make_chunked_env)
 from qam_ray.rllib.learner import AgentLearner
 from qam_ray.rllib.module import AgentRLModule
 
@@ -47,6 +48,10 @@ ONLINE_RESULTS = "online"  # result key of the online phase's counters and timin
 # Hyperparameters that RLlib's AlgorithmConfig holds under its own name (one name per setting).
 RLLIB_NAMES = {"discount": "gamma", "lr": "lr", "tau": "tau", "clip_grad_max_norm": "grad_clip"}
 DIMENSIONS = ("obs_dim", "action_dim")  # fixed by the spaces when the module is built
+
+
+class InvalidConfigError(ValueError):
+    """An AgentConfig that cannot train; the message names every bad field and the allowed values."""
 
 
 class AgentConfig(AlgorithmConfig):
@@ -110,9 +115,11 @@ class AgentConfig(AlgorithmConfig):
         """The agent's hyperparameters by name (e.g. ``inv_temp=3.0`` for QAM, ``alpha=30.0`` for FQL),
         ``num_steps_per_iteration`` (gradient steps per ``train()``), and every RLlib training option
         (``gamma``, ``lr``, ``tau``, ``grad_clip``, ``train_batch_size_per_learner``, …)."""
-        for name in self.agent_fields():
+        for name in (*self.agent_fields(), "tau"):  # RLlib's base training() has no `tau` (its SAC config does)
             if name in kwargs:
                 setattr(self, name, kwargs.pop(name))
+                if name == "horizon_length" and self.env_name:  # the env plays chunks of this length
+                    self._set_environment()
         if num_steps_per_iteration is not NotProvided:
             self.num_steps_per_iteration = num_steps_per_iteration
         return super().training(**kwargs)
@@ -130,12 +137,16 @@ class AgentConfig(AlgorithmConfig):
         for name, value in registry_hyperparams(self.method, env_name).items():
             setattr(self, RLLIB_NAMES.get(name, name), value)
         self.env_name, self.dataset_dir, self.sparse = env_name, dataset_dir, domain_of_env(env_name).sparse
-        env_config = {"env_name": env_name, "horizon": self.horizon_length}
+        self._set_environment()
+        return self
+
+    def _set_environment(self) -> None:
+        """The chunked env of ``env_name`` with chunks of ``horizon_length`` actions, and its spaces."""
+        env_config = {"env_name": self.env_name, "horizon": self.horizon_length}
         probe = make_chunked_env(env_config)  # ~1 s; gives the spaces the RLModule is built from
         self.environment(ENV_ID, env_config=env_config, observation_space=probe.observation_space,
                          action_space=probe.action_space)
         probe.close()
-        return self
 
     def online(self, online_steps: int = 500_000, *, utd_ratio: float = 1.0, start_training: int = 5000,
                eval_every: int = 50_000, offline_checkpoint: str | None = None):
@@ -170,9 +181,9 @@ class AgentConfig(AlgorithmConfig):
             errors.append(f"num_steps_per_iteration={self.num_steps_per_iteration!r}: must be an integer >= 1")
         if not (isinstance(self.train_batch_size_per_learner, int) and self.train_batch_size_per_learner >= 1):
             errors.append(f"train_batch_size_per_learner={self.train_batch_size_per_learner!r}: must be >= 1")
-        if self.action_space is not None and self.action_space.shape[0] % self.horizon_length:
-            errors.append(f"horizon_length={self.horizon_length} does not divide the action space "
-                          f"{self.action_space.shape}; set it through .ogbench()")
+        if self.env_name and self.env_config.get("horizon") != self.horizon_length:
+            errors.append(f"horizon_length={self.horizon_length!r} but the env plays chunks of "
+                          f"{self.env_config.get('horizon')}: set it with .training(horizon_length=...)")
         if self._is_online:
             errors += _online_errors(self)
         # Dimensions are placeholders here: the spaces fix them when the module is built.
@@ -181,7 +192,7 @@ class AgentConfig(AlgorithmConfig):
         except ValueError as exc:
             errors.append(str(exc))
         if errors:
-            raise ValueError(f"Invalid {type(self).__name__} ({self.method}):\n  - " + "\n  - ".join(errors))
+            raise InvalidConfigError(f"Invalid {type(self).__name__} ({self.method}):\n  - " + "\n  - ".join(errors))
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         hyperparams = vars(self.agent_hyperparams(1, 1))
@@ -203,8 +214,7 @@ def build_agent_config(
 ) -> AgentConfig:
     """The config of one offline run: registry values, then ``overrides`` (hyperparameter names)."""
     config = AgentConfig().ogbench(domain, task=task, method=method, dataset_dir=dataset_dir)
-    for key, value in (overrides or {}).items():
-        setattr(config, RLLIB_NAMES.get(key, key), value)
+    config.training(**{RLLIB_NAMES.get(key, key): value for key, value in (overrides or {}).items()})
     return (config.training(num_steps_per_iteration=steps_per_iteration, train_batch_size_per_learner=batch_size)
             .learners(num_learners=num_learners, num_gpus_per_learner=gpus_per_learner)
             .evaluation(evaluation_interval=eval_interval, evaluation_duration=eval_episodes,
@@ -250,13 +260,25 @@ class AgentAlgorithm(Algorithm):
         self.dataset_info = call_values(results)[0]  # every learner loads the same file
         self._evaluate_after_step = False
         if cfg._is_online and cfg.offline_checkpoint:
-            self.learner_group.restore_from_path(os.path.join(cfg.offline_checkpoint, "learner_group"))
+            try:
+                self.learner_group.restore_from_path(os.path.join(cfg.offline_checkpoint, "learner_group"))
+            except Exception as error:  # a truncated or foreign checkpoint: name it rather than RLlib's internals
+                raise InvalidConfigError(
+                    f"offline_checkpoint={cfg.offline_checkpoint!r} cannot be loaded ({type(error).__name__}: "
+                    f"{error}); pass a folder written by algo.save_to_path() of the same method and sizes") from error
             held = self.learner_value(lambda learner: learner.online_transitions)
             if held:
-                raise ValueError(
+                raise InvalidConfigError(
                     f"offline_checkpoint={cfg.offline_checkpoint!r} already holds {held} online transitions: it was "
                     "saved in an online phase. Resume it with algo.restore_from_path() (sweeps: --resume) instead.")
             self._sync_env_runners()
+
+    def get_ctor_args_and_kwargs(self):
+        # A checkpoint restores its own learner state, online rows included: the offline start it began from is not
+        # needed to reopen it (and its folder, often temporary, may be gone).
+        state = self.config.get_state()
+        state["offline_checkpoint"] = None
+        return (state,), {}
 
     def learner_value(self, func):
         """Runs ``func(learner)`` on every learner and returns the first one's value (they hold the same state);
@@ -324,6 +346,17 @@ class AgentAlgorithm(Algorithm):
             # Ray 2.60 re-reports the last evaluation's metrics in every later iteration; a result carries
             # "evaluation" only when it evaluated, so curves get no stale points.
             results.pop(EVALUATION_RESULTS, None)
+        if ENV_RUNNER_RESULTS in results:
+            results[ENV_RUNNER_RESULTS] = episode_means(results[ENV_RUNNER_RESULTS])
+        if EVALUATION_RESULTS in results:
+            results[EVALUATION_RESULTS][ENV_RUNNER_RESULTS] = episode_means(
+                results[EVALUATION_RESULTS][ENV_RUNNER_RESULTS])
+        return results
+
+    def evaluate(self, *args, **kwargs) -> dict:
+        results = super().evaluate(*args, **kwargs)
+        if ENV_RUNNER_RESULTS in results:  # the exact means over the episodes of every evaluation runner
+            results[ENV_RUNNER_RESULTS] = episode_means(results[ENV_RUNNER_RESULTS])
         return results
 
     @classmethod

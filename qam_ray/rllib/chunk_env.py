@@ -68,15 +68,30 @@ def make_chunked_env(env_config: dict) -> ActionChunkEnv:
 register_env(ENV_ID, make_chunked_env)
 
 
+# Per-episode sums the runners report; RLlib adds sums exactly across runners, while its "mean" merges parallel
+# runners as a mean of their means (ray/rllib/utils/metrics/stats/mean.py), not the mean over episodes.
+EPISODES, SUCCESSES, ENV_STEPS = "episodes_ended", "successes", "episode_env_steps_sum"
+
+
 class SuccessMetricsCallback(RLlibCallback):
-    """Logs OGBench's ``info['success']`` at each episode's end as ``success_rate`` and the episode length in
-    env steps (RLlib's own length counts chunks; a training episode here is only its last fragment, so the
-    wrapper counts the steps)."""
+    """Counts, at each episode's end, the episode, OGBench's ``info['success']`` and the episode's length in env
+    steps (RLlib's own length counts chunks, and a training episode here is only its last fragment, so the wrapper
+    counts the steps).  ``episode_means`` turns the sums into ``success_rate`` and ``episode_env_steps``."""
 
     def on_episode_end(self, *, episode, metrics_logger, **kwargs) -> None:
         last = episode.get_infos()[-1]
-        metrics_logger.log_value("success_rate", float(last.get("success", 0.0)), reduce="mean")
-        metrics_logger.log_value("episode_env_steps", float(last.get("episode_env_steps", 0)), reduce="mean")
+        metrics_logger.log_value(EPISODES, 1, reduce="sum")
+        metrics_logger.log_value(SUCCESSES, float(last.get("success", 0.0)), reduce="sum")
+        metrics_logger.log_value(ENV_STEPS, float(last.get("episode_env_steps", 0)), reduce="sum")
+
+
+def episode_means(runner_results: dict) -> dict:
+    """``runner_results`` (an ``env_runners`` result) with the exact means over every episode that ended on any
+    runner: ``success_rate`` and ``episode_env_steps`` (NaN when none ended)."""
+    episodes = runner_results.get(EPISODES, 0)
+    nan = float("nan")
+    return {**runner_results, "success_rate": runner_results.get(SUCCESSES, 0.0) / episodes if episodes else nan,
+            "episode_env_steps": runner_results.get(ENV_STEPS, 0.0) / episodes if episodes else nan}
 
 
 def episode_transitions(episodes) -> dict[str, np.ndarray]:
