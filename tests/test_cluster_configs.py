@@ -6,6 +6,11 @@
 - No KubeRay CRD schema is available offline, so ``kuberay_problems`` checks the fields that matter for these
   sweeps one by one; mutated manifests show that each check can fail.
 - The Dockerfile and the launcher pin the versions that pyproject.toml, the Makefile and the installed Ray use.
+- MLflow's basic auth: the launcher's head and kuberay/mlflow-server.yaml run `mlflow server --app-name basic-auth`
+  with its secret key and admin from a private file / a Secret, the same auth settings (default_permission that
+  lets nobody write what it was not granted), and the Ray pods and nodes get the sweep user from a Secret / the
+  environment of `ray start`, never from a literal or a runtime_env.  No password or secret key is written in any
+  of these files.  tests/test_mlflow_auth.py runs the launcher's MLflow commands and the ConfigMap's auth config.
 - .rayignore is applied with Ray's own upload filter to a fake tree.
 """
 
@@ -27,6 +32,7 @@ CLUSTER = REPO / "cluster"
 LAUNCHER = CLUSTER / "ray-cluster-gpu.yaml"
 RAYCLUSTER = CLUSTER / "kuberay" / "raycluster-gpu.yaml"
 RAYJOB = CLUSTER / "kuberay" / "rayjob-sweep.yaml"
+MLFLOW_SERVER = CLUSTER / "kuberay" / "mlflow-server.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
 
 RAY_VERSION = ray.__version__
@@ -54,6 +60,11 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 def load_yaml(path: Path):
     with open(path) as f:
         return yaml.load(f, Loader=_StrictLoader)
+
+
+def load_yaml_docs(path: Path) -> list:
+    with open(path) as f:
+        return [doc for doc in yaml.load_all(f, Loader=_StrictLoader) if doc is not None]
 
 
 def test_yaml_loader_rejects_duplicate_keys():
@@ -149,6 +160,170 @@ def test_launcher_pins_and_installs_the_project():
     assert commands.index("torch==") < commands.index("ray[") < commands.index("pip install -q -e /home/ray/qam_ray")
     assert config["file_mounts"]["/home/ray/qam_ray"] == "."
     assert ".rayignore" in config["rsync_filter"]
+    # The head's tracking server runs MLflow's basic-auth app: the install must bring it (pyproject's mlflow[auth]).
+    assert "mlflow.server.auth" in commands and "flask_wtf" in commands
+
+
+# MLflow's basic auth (cluster/README.md §3).  The secrets: what must never be written into a config file.
+SECRET_NAMES = ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD")
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+AUTH_ENV = "/data/mlflow/auth.env"  # the server's secret key and admin: read by the server only
+SWEEPS_ENV = "/data/mlflow/sweeps.env"  # the sweep user: read into the environment of `ray start` on every node
+# default_permission is what a logged-in user gets on what it neither owns nor was granted: neither of these lets
+# it write there.  (Requests without valid credentials get 401 whatever it says.)
+SAFE_DEFAULT_PERMISSIONS = {"READ", "NO_PERMISSIONS"}
+
+
+def launcher_mlflow_commands(config: dict) -> list[str]:
+    """The head commands that concern MLflow, in order: write auth.env, write basic_auth.ini, start the server
+    (tests/test_mlflow_auth.py runs them)."""
+    commands = [c for c in config.get("head_start_ray_commands", []) if "/data/mlflow" in c and "ray start" not in c]
+    assert len(commands) == 3, commands
+    return commands
+
+
+def launcher_auth_ini(config: dict) -> tuple[str, str]:
+    """(the basic_auth.ini text that the head writes, the path it writes it to)."""
+    match = re.fullmatch(r"printf '([^']*)'\s*>\s*(\S+)", launcher_mlflow_commands(config)[1])
+    assert match, launcher_mlflow_commands(config)[1]
+    return match[1].replace("\\n", "\n"), match[2]
+
+
+def secret_literal_problems(text: str, where: str) -> list[str]:
+    """``NAME=value`` / ``NAME: value`` with a written-out value for any secret; a value that the text generates
+    (``{secrets.token_...}``) or expands (``$VAR``) is fine."""
+    problems = []
+    for name in SECRET_NAMES:
+        for match in re.finditer(rf"{name}\s*[=:]\s*(\S*)", text):
+            if not re.match(r"(\{secrets\.token_\w+\(\d+\)\}|\$)", match[1]):
+                problems.append(f"{where}: {name} is given a literal value ({match[0][:60]!r})")
+    return problems
+
+
+def auth_ini_problems(text: str, where: str) -> list[str]:
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read_string(text)
+    if "mlflow" not in ini:
+        return [f"{where}: basic_auth.ini needs an [mlflow] section"]
+    problems = []
+    permission = ini["mlflow"].get("default_permission")
+    if permission not in SAFE_DEFAULT_PERMISSIONS:
+        problems.append(f"{where}: default_permission {permission!r} lets users write what they were not granted; "
+                        f"use one of {sorted(SAFE_DEFAULT_PERMISSIONS)}")
+    database = ini["mlflow"].get("database_uri", "")
+    if not (database.startswith("sqlite:////") or database.split(":", 1)[0] in ("postgresql", "mysql")):
+        problems.append(f"{where}: database_uri {database!r} must be absolute (sqlite:////...) or a database server")
+    for key in ("admin_password", "admin_username"):
+        if ini["mlflow"].get(key):
+            problems.append(f"{where}: {key} belongs in the private file / Secret, not in basic_auth.ini")
+    return problems
+
+
+def launcher_mlflow_problems(config: dict, text: str) -> list[str]:
+    """``text``: the YAML file as written (comments included: no secret belongs there either)."""
+    problems = secret_literal_problems(text, "launcher")
+    try:
+        write_env, write_ini, start = launcher_mlflow_commands(config)
+        ini_text, ini_path = launcher_auth_ini(config)
+    except AssertionError as error:
+        return problems + [f"launcher: the head's MLflow commands are not the expected three: {error}"]
+    if not re.search(rf"umask 077\b.*> ?{re.escape(AUTH_ENV)}", write_env) or f"chmod 600 {AUTH_ENV}" not in write_env:
+        problems.append(f"launcher: {AUTH_ENV} must be created with umask 077 and kept at chmod 600")
+    problems += auth_ini_problems(ini_text, "launcher")
+    argv = start[start.find("mlflow server"):].split()
+    if "mlflow server" not in start or not any(argv[i:i + 2] == ["--app-name", "basic-auth"] for i in range(len(argv))):
+        problems.append("launcher: the head's `mlflow server` must run with --app-name basic-auth")
+    before = start[:start.find("mlflow server")]
+    if not re.search(rf"set -a && \. {re.escape(AUTH_ENV)} && set \+a", before):
+        problems.append(f"launcher: the server must read its secret key and admin from {AUTH_ENV} (set -a; . file)")
+    if f"MLFLOW_AUTH_CONFIG_PATH={ini_path}" not in before:
+        problems.append(f"launcher: the server needs MLFLOW_AUTH_CONFIG_PATH={ini_path} (the ini the head writes)")
+    if "-e MLFLOW_" in " ".join(config.get("docker", {}).get("run_options", [])):
+        problems.append("launcher: no MLflow variable in docker run_options (docker inspect shows them)")
+    # Every node's Ray starts with the sweep user in its environment: the raylet hands it to the job driver and to
+    # every trial, with nothing in the job's runtime_env (whose env_vars Ray's runtime-env agent logs).
+    source = f"if [ -f {SWEEPS_ENV} ]; then set -a; . {SWEEPS_ENV}; set +a; fi;"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config.get(key, []) if "ray start" in c]
+        if not starts or not all(source in c and c.index(source) < c.index("ray start") for c in starts):
+            problems.append(f"launcher: {key}: `ray start` must run with {SWEEPS_ENV} read first ({source!r})")
+    if AUTH_ENV in " ".join(c for key in ("head_start_ray_commands", "worker_start_ray_commands")
+                              for c in config.get(key, []) if "ray start" in c):
+        problems.append(f"launcher: {AUTH_ENV} (the admin) must not reach Ray's environment, only the server's")
+    return problems
+
+
+def test_launcher_runs_mlflow_with_basic_auth_and_no_secret_in_the_file():
+    assert launcher_mlflow_problems(load_yaml(LAUNCHER), LAUNCHER.read_text()) == []
+
+
+def _edit_head_command(marker: str, change):
+    """A mutation that rewrites the head command containing ``marker``; the YAML text stays as it is."""
+    def mutate(config: dict, text: str) -> str:
+        commands = config["head_start_ray_commands"]
+        index = next(i for i, c in enumerate(commands) if marker in c)
+        commands[index] = change(commands[index])
+        return text
+    return mutate
+
+
+def _add_run_option_with_password(config: dict, text: str) -> str:
+    config["docker"]["run_options"].append("-e MLFLOW_TRACKING_PASSWORD=abc")
+    return text.replace("    - -e MUJOCO_GL=egl", "    - -e MUJOCO_GL=egl\n    - -e MLFLOW_TRACKING_PASSWORD=abc")
+
+
+def _inline_admin_password(config: dict, text: str) -> str:
+    _edit_head_command("mlflow server", lambda s: s.replace(f"set -a && . {AUTH_ENV} && set +a",
+                                                            "MLFLOW_AUTH_ADMIN_PASSWORD=hunter2hunter2"))(config, text)
+    return text.replace(f"set -a && . {AUTH_ENV} && set +a", "MLFLOW_AUTH_ADMIN_PASSWORD=hunter2hunter2")
+
+
+def _drop_sweeps_env_from_workers(config: dict, text: str) -> str:
+    config["worker_start_ray_commands"] = [re.sub(r"if \[ -f .*?fi;", "", c)
+                                           for c in config["worker_start_ray_commands"]]
+    return text
+
+
+# name -> (mutation of (config, its text) returning the new text, what the problem must say)
+LAUNCHER_AUTH_MUTATIONS = {
+    "no-basic-auth": (_edit_head_command("mlflow server", lambda s: s.replace("--app-name basic-auth ", "")),
+                      "--app-name basic-auth"),
+    "admin-password-inline": (_inline_admin_password, "MLFLOW_AUTH_ADMIN_PASSWORD is given a literal value"),
+    "tracking-password-in-run-options": (_add_run_option_with_password, "no MLflow variable in docker run_options"),
+    "secret-key-inline": (lambda c, t: t.replace("={secrets.token_hex(32)}", "=0123456789abcdef"),
+                          "MLFLOW_FLASK_SERVER_SECRET_KEY is given a literal value"),
+    "password-in-a-comment": (lambda c, t: t + "\n# MLFLOW_TRACKING_PASSWORD: s3cret-s3cret\n",
+                              "MLFLOW_TRACKING_PASSWORD is given a literal value"),
+    "default-permission-edit": (
+        _edit_head_command("printf '[mlflow]", lambda s: s.replace("default_permission = READ",
+                                                                   "default_permission = EDIT")),
+        "default_permission 'EDIT'"),
+    "admin-password-in-ini": (
+        _edit_head_command("printf '[mlflow]", lambda s: s.replace("\\ndatabase_uri",
+                                                                   "\\nadmin_password = x\\ndatabase_uri")),
+        "admin_password belongs"),
+    "relative-auth-db": (
+        _edit_head_command("printf '[mlflow]", lambda s: s.replace("sqlite:////data/mlflow/", "sqlite:///")),
+        "database_uri"),
+    "auth-env-not-private": (_edit_head_command("auth.env.new", lambda s: s.replace(f"; chmod 600 {AUTH_ENV}", "")),
+                             "chmod 600"),
+    "no-config-path": (_edit_head_command("mlflow server", lambda s: s.replace("MLFLOW_AUTH_CONFIG_PATH=", "X=")),
+                       "MLFLOW_AUTH_CONFIG_PATH"),
+    "workers-without-the-sweep-user": (_drop_sweeps_env_from_workers, "worker_start_ray_commands"),
+    "admin-in-rays-environment": (_edit_head_command("ray start", lambda s: s.replace(SWEEPS_ENV, AUTH_ENV)),
+                                  "must not reach Ray's environment"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(LAUNCHER_AUTH_MUTATIONS))
+def test_launcher_auth_checker_catches_mistakes(mutation):
+    mutate, expected = LAUNCHER_AUTH_MUTATIONS[mutation]
+    config = load_yaml(LAUNCHER)
+    text = mutate(config, LAUNCHER.read_text())
+    problems = launcher_mlflow_problems(config, text)
+    assert any(expected in p for p in problems), problems
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,6 +333,40 @@ def test_launcher_pins_and_installs_the_project():
 
 def _env(container: dict) -> dict:
     return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+SECRET_LIKE = re.compile(r"PASSWORD|SECRET|TOKEN")
+
+
+def _secret_ref(container: dict, name: str) -> tuple[str, str] | None:
+    """(Secret name, key) that env ``name`` of ``container`` comes from; None unless it is a required secretKeyRef."""
+    for entry in container.get("env", []):
+        if entry["name"] == name:
+            ref = entry.get("valueFrom", {}).get("secretKeyRef")
+            if "value" in entry or not ref or ref.get("optional") or not ref.get("name") or not ref.get("key"):
+                return None
+            return ref["name"], ref["key"]
+    return None
+
+
+def _env_secret_problems(pod_spec: dict, where: str) -> list[str]:
+    """No container of the pod gets a password, secret key or token as a literal ``value``."""
+    return [f"{where}: env {e['name']} of container {c.get('name')!r} is a literal; take it from a Secret "
+            "(valueFrom.secretKeyRef)"
+            for c in pod_spec.get("containers", []) + pod_spec.get("initContainers", [])
+            for e in c.get("env", []) if SECRET_LIKE.search(e["name"]) and "value" in e]
+
+
+def _credential_problems(container: dict, where: str) -> tuple[list[str], set]:
+    """The MLflow sweep user comes from a required Secret; returns (problems, the (Secret, key) pairs used)."""
+    problems, refs = [], set()
+    for name in CREDENTIALS:
+        ref = _secret_ref(container, name)
+        if ref is None:
+            problems.append(f"{where}: env {name} must come from a Secret (valueFrom.secretKeyRef, not optional)")
+        else:
+            refs.add((name, *ref))
+    return problems, refs
 
 
 def _image_problems(image: str, where: str) -> list[str]:
@@ -178,6 +387,9 @@ def _pod_problems(pod_spec: dict, where: str, *, gpu: bool) -> list[str]:
         problems.append(f"{where}: env MUJOCO_GL must be 'egl'")
     if not env.get("MLFLOW_TRACKING_URI"):
         problems.append(f"{where}: env MLFLOW_TRACKING_URI missing")
+    elif "@" in env["MLFLOW_TRACKING_URI"]:
+        problems.append(f"{where}: MLFLOW_TRACKING_URI must not carry credentials (the trials log the URI)")
+    problems += _credential_problems(ray_container, where)[0] + _env_secret_problems(pod_spec, where)
     problems += _image_problems(ray_container.get("image", ""), where)
 
     volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
@@ -228,6 +440,7 @@ def raycluster_spec_problems(spec: dict, where: str = "RayCluster") -> list[str]
     head_pod = head.get("template", {}).get("spec", {})
     problems += _pod_problems(head_pod, f"{where} head", gpu=False)
     head_image = (head_pod.get("containers") or [{}])[0].get("image")
+    head_refs = _credential_problems((head_pod.get("containers") or [{}])[0], "")[1]
 
     groups = spec.get("workerGroupSpecs", [])
     if not groups:
@@ -243,6 +456,10 @@ def raycluster_spec_problems(spec: dict, where: str = "RayCluster") -> list[str]
         image = (pod.get("containers") or [{}])[0].get("image")
         if image != head_image:
             problems.append(f"{name}: image {image!r} differs from the head's {head_image!r}")
+        refs = _credential_problems((pod.get("containers") or [{}])[0], "")[1]
+        if refs and head_refs and refs != head_refs:  # the trials and the driver must log as the same user
+            problems.append(f"{name}: MLflow credentials from {sorted(refs)}, not the same Secret as the head's "
+                            f"{sorted(head_refs)}")
     return problems
 
 
@@ -280,6 +497,11 @@ def kuberay_problems(doc: dict) -> list[str]:
     env_vars = runtime_env.get("env_vars", {})
     if env_vars.get("MUJOCO_GL") != "egl" or not env_vars.get("MLFLOW_TRACKING_URI"):
         problems.append("RayJob: runtimeEnvYAML env_vars need MUJOCO_GL=egl and MLFLOW_TRACKING_URI")
+    # The runtime env is stored in plain text in the RayJob and in the job's info (`ray job list` shows it).
+    leaked = sorted(k for k in env_vars if SECRET_LIKE.search(k) or k in CREDENTIALS)
+    if leaked:
+        problems.append(f"RayJob: runtimeEnvYAML env_vars must not hold credentials ({leaked}); the pods get them "
+                        "from a Secret")
     return problems
 
 
@@ -307,6 +529,21 @@ def _head_spec(doc):
     return doc["spec"].get("rayClusterSpec", doc["spec"])["headGroupSpec"]
 
 
+def _head_container(doc):
+    return _head_spec(doc)["template"]["spec"]["containers"][0]
+
+
+def _env_entry(container, name):
+    return next(e for e in container["env"] if e["name"] == name)
+
+
+def _set_env(container, name, source: dict):
+    entry = _env_entry(container, name)
+    entry.pop("value", None)
+    entry.pop("valueFrom", None)
+    entry.update(source)
+
+
 KUBERAY_MUTATIONS = {
     "gpu-limit-removed": (lambda d: _gpu_container(d)["resources"]["limits"].pop(GPU), "no nvidia.com/gpu limit"),
     "gpu-request-differs": (lambda d: _gpu_container(d)["resources"]["requests"].update({GPU: "2"}), "!= limits"),
@@ -322,6 +559,26 @@ KUBERAY_MUTATIONS = {
     "ray-version": (lambda d: d["spec"].get("rayClusterSpec", d["spec"]).update(rayVersion="2.59.0"), "rayVersion"),
     "mujoco-gl-missing": (lambda d: _gpu_container(d).update(env=[]), "MUJOCO_GL"),
     "api-version": (lambda d: d.update(apiVersion="ray.io/v1alpha1"), "apiVersion"),
+    "mlflow-password-literal": (
+        lambda d: _set_env(_gpu_container(d), "MLFLOW_TRACKING_PASSWORD", {"value": "s3cret-s3cret"}),
+        "env MLFLOW_TRACKING_PASSWORD must come from a Secret"),
+    "mlflow-user-missing": (
+        lambda d: _head_container(d).update(env=[e for e in _head_container(d)["env"]
+                                                 if e["name"] != "MLFLOW_TRACKING_USERNAME"]),
+        "head: env MLFLOW_TRACKING_USERNAME must come from a Secret"),
+    "mlflow-secret-optional": (
+        lambda d: _env_entry(_gpu_container(d), "MLFLOW_TRACKING_PASSWORD")["valueFrom"]["secretKeyRef"].update(
+            optional=True),
+        "env MLFLOW_TRACKING_PASSWORD must come from a Secret"),
+    "mlflow-secret-differs": (
+        lambda d: _env_entry(_gpu_container(d), "MLFLOW_TRACKING_PASSWORD")["valueFrom"]["secretKeyRef"].update(
+            name="other-secret"),
+        "not the same Secret as the head's"),
+    "token-literal": (lambda d: _head_container(d)["env"].append({"name": "RAY_AUTH_TOKEN", "value": "abc"}),
+                      "env RAY_AUTH_TOKEN of container 'ray-head' is a literal"),
+    "credentials-in-uri": (
+        lambda d: _set_env(_gpu_container(d), "MLFLOW_TRACKING_URI", {"value": "http://u:p@mlflow:5000"}),
+        "must not carry credentials"),
 }
 
 RAYJOB_MUTATIONS = {
@@ -332,6 +589,10 @@ RAYJOB_MUTATIONS = {
         "--storage-path",
     ),
     "no-working-dir": (lambda d: d["spec"].update(runtimeEnvYAML="env_vars: {MUJOCO_GL: egl}"), "working_dir"),
+    "password-in-runtime-env": (
+        lambda d: d["spec"].update(runtimeEnvYAML=d["spec"]["runtimeEnvYAML"].replace(
+            "  MUJOCO_GL: egl", "  MUJOCO_GL: egl\n  MLFLOW_TRACKING_PASSWORD: s3cret-s3cret")),
+        "must not hold credentials"),
 }
 
 
@@ -351,6 +612,221 @@ def test_rayjob_checker_catches_broken_jobs(mutation):
     doc = load_yaml(RAYJOB)
     mutate(doc)
     problems = kuberay_problems(doc)
+    assert any(expected in p for p in problems), problems
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The MLflow server for KubeRay (kuberay/mlflow-server.yaml)
+# ----------------------------------------------------------------------------------------------------------------
+
+SERVER_SECRETS = ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD")
+
+
+def _docs_by_kind(docs: list) -> dict[str, list[dict]]:
+    kinds: dict[str, list[dict]] = {}
+    for doc in docs:
+        kinds.setdefault(doc.get("kind"), []).append(doc)
+    return kinds
+
+
+def configmap_auth_ini(docs: list | None = None) -> str:
+    """The basic_auth.ini of the server's ConfigMap, the file its MLFLOW_AUTH_CONFIG_PATH names."""
+    docs = load_yaml_docs(MLFLOW_SERVER) if docs is None else docs
+    kinds = _docs_by_kind(docs)
+    (deployment,) = kinds["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    path = _env(container)["MLFLOW_AUTH_CONFIG_PATH"]
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    configmap = next(c for c in kinds["ConfigMap"] if c["metadata"]["name"] == volume["configMap"]["name"])
+    return configmap["data"][path[len(mount["mountPath"].rstrip("/")) + 1:]]
+
+
+def _persistent_path(pod: dict, container: dict, path: str) -> bool:
+    """Whether ``path`` lies on a PersistentVolumeClaim mounted into ``container``."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    return any(path.startswith(m["mountPath"].rstrip("/") + "/")
+               and "persistentVolumeClaim" in volumes.get(m["name"], {}) for m in container.get("volumeMounts", []))
+
+
+def mlflow_server_problems(docs: list, tracking_uri: str, ray_image: str) -> list[str]:
+    """The manifests of the tracking server that ``tracking_uri`` (the Ray pods' MLFLOW_TRACKING_URI) names."""
+    import urllib.parse
+
+    kinds = _docs_by_kind(docs)
+    problems = []
+    if "Secret" in kinds:
+        problems.append("mlflow-server: no Secret in a file that is in git; create it from a private file (README §3)")
+    if len(kinds.get("Deployment", [])) != 1 or not kinds.get("Service"):
+        return problems + ["mlflow-server: needs one Deployment and its Service"]
+    deployment = kinds["Deployment"][0]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    argv = [*container.get("command", []), *container.get("args", [])]
+    if argv[:2] != ["mlflow", "server"]:
+        problems.append(f"mlflow-server: the container must run `mlflow server`, not {argv[:2]}")
+
+    def flag(name):
+        return argv[argv.index(name) + 1] if name in argv[:-1] else None
+
+    if flag("--app-name") != "basic-auth":
+        problems.append("mlflow-server: `mlflow server` must run with --app-name basic-auth")
+    refs = set()
+    for name in SERVER_SECRETS:
+        ref = _secret_ref(container, name)
+        if ref is None:
+            problems.append(f"mlflow-server: env {name} must come from a Secret (valueFrom.secretKeyRef, not optional)")
+        else:
+            refs.add(ref[0])
+    if len(refs) > 1:
+        problems.append(f"mlflow-server: the secret key and the admin come from several Secrets {sorted(refs)}")
+    problems += _env_secret_problems(pod, "mlflow-server")
+    try:
+        ini_text = configmap_auth_ini(docs)
+    except (KeyError, StopIteration, ValueError) as error:
+        return problems + [f"mlflow-server: MLFLOW_AUTH_CONFIG_PATH must name a key of a mounted ConfigMap ({error!r})"]
+    problems += auth_ini_problems(ini_text, "mlflow-server")
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read_string(ini_text)
+    for what, uri in (("the auth database", ini["mlflow"].get("database_uri", "")),
+                      ("--backend-store-uri", flag("--backend-store-uri") or "")):
+        if uri.startswith("sqlite:///") and not _persistent_path(pod, container, uri[len("sqlite:///"):]):
+            problems.append(f"mlflow-server: {what} ({uri}) must be on a PersistentVolumeClaim: users and runs "
+                            "would vanish with the pod")
+    artifacts = flag("--artifacts-destination") or ""
+    if "://" not in artifacts and not _persistent_path(pod, container, artifacts):
+        problems.append(f"mlflow-server: --artifacts-destination {artifacts!r} must be on a PersistentVolumeClaim")
+    problems += _image_problems(container.get("image", ""), "mlflow-server")
+    if container.get("image") != ray_image:  # one image: the server runs the MLflow that the trials use
+        problems.append(f"mlflow-server: image {container.get('image')!r} differs from the Ray pods' {ray_image!r}")
+    probe = container.get("readinessProbe", {}).get("httpGet", {})
+    if probe.get("path") != "/health":
+        problems.append("mlflow-server: readinessProbe must GET /health (the one route that needs no login)")
+
+    target = urllib.parse.urlparse(tracking_uri)
+    host, _, rest = (target.hostname or "").partition(".")
+    namespace = rest.split(".")[0] if rest.endswith("svc.cluster.local") else None
+    services = [s for s in kinds["Service"] if s["metadata"]["name"] == host
+                and s["metadata"].get("namespace") == namespace]
+    if not services:
+        problems.append(f"mlflow-server: no Service {host!r} in namespace {namespace!r} for {tracking_uri}")
+    else:
+        service = services[0]
+        ports = service["spec"].get("ports", [])
+        if not any(p.get("port") == target.port for p in ports):
+            problems.append(f"mlflow-server: Service {host!r} does not expose port {target.port} of {tracking_uri}")
+        labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+        if not service["spec"].get("selector") or any(labels.get(k) != v for k, v in service["spec"]["selector"].items()):
+            problems.append("mlflow-server: the Service's selector does not match the server's pod labels")
+        container_ports = {p["containerPort"] for p in container.get("ports", [])}
+        if not all(p.get("targetPort", p.get("port")) in container_ports and
+                   p.get("targetPort", p.get("port")) == int(flag("--port") or 5000) for p in ports):
+            problems.append("mlflow-server: the Service's targetPort must be the server's --port and a containerPort")
+    if namespace and deployment["metadata"].get("namespace") != namespace:
+        problems.append(f"mlflow-server: the Deployment must be in namespace {namespace!r}")
+    allowed = (flag("--allowed-hosts") or "").split(",")
+    if f"{target.hostname}:{target.port}" not in allowed:
+        problems.append(f"mlflow-server: --allowed-hosts must list {target.hostname}:{target.port}, or MLflow "
+                        "refuses the trials' Host header")
+    return problems
+
+
+def _ray_pods_tracking_uri_and_image() -> tuple[str, str]:
+    head = _head_container(load_yaml(RAYCLUSTER))
+    return _env(head)["MLFLOW_TRACKING_URI"], head["image"]
+
+
+def test_mlflow_server_runs_basic_auth_with_secrets_from_a_secret():
+    docs = load_yaml_docs(MLFLOW_SERVER)
+    assert mlflow_server_problems(docs, *_ray_pods_tracking_uri_and_image()) == []
+    # Both ways of running the server apply the same auth settings (the database is where each keeps its files).
+    import configparser
+
+    launcher, kuberay = configparser.ConfigParser(), configparser.ConfigParser()
+    launcher.read_string(launcher_auth_ini(load_yaml(LAUNCHER))[0])
+    kuberay.read_string(configmap_auth_ini(docs))
+    assert {k: v for k, v in launcher["mlflow"].items() if k != "database_uri"} == {
+        k: v for k, v in kuberay["mlflow"].items() if k != "database_uri"}
+
+
+def test_the_ray_pods_and_the_server_agree_on_the_tracking_uri():
+    uris = set()
+    for doc in (load_yaml(RAYCLUSTER), load_yaml(RAYJOB)):
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+        uris |= {_env(pod["containers"][0])["MLFLOW_TRACKING_URI"] for pod in pods}
+        if doc["kind"] == "RayJob":
+            uris.add(yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"])
+    assert len(uris) == 1, uris
+
+
+def _server_container(docs):
+    return _docs_by_kind(docs)["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+
+
+def _server_args(docs):
+    return _server_container(docs)["args"]
+
+
+def _replace_arg(docs, old, new):
+    args = _server_args(docs)
+    args[args.index(old)] = new
+
+
+def _store_on_emptydir(docs):
+    pod = _docs_by_kind(docs)["Deployment"][0]["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)
+    volume.pop("persistentVolumeClaim")
+    volume["emptyDir"] = {}
+
+
+def _configmap(docs):
+    return _docs_by_kind(docs)["ConfigMap"][0]["data"]
+
+
+MLFLOW_SERVER_MUTATIONS = {
+    "no-basic-auth": (lambda d: [_server_args(d).remove(a) for a in ("--app-name", "basic-auth")],
+                      "--app-name basic-auth"),
+    "secret-key-literal": (lambda d: _set_env(_server_container(d), "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                                              {"value": "0123456789abcdef"}),
+                           "env MLFLOW_FLASK_SERVER_SECRET_KEY must come from a Secret"),
+    "admin-password-optional": (
+        lambda d: _env_entry(_server_container(d), "MLFLOW_AUTH_ADMIN_PASSWORD")["valueFrom"]["secretKeyRef"].update(
+            optional=True),
+        "env MLFLOW_AUTH_ADMIN_PASSWORD must come from a Secret"),
+    "secret-in-git": (lambda d: d.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"},
+                                          "stringData": {"MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret-s3cret"}}),
+                      "no Secret in a file that is in git"),
+    "default-permission-edit": (
+        lambda d: _configmap(d).update({"basic_auth.ini": _configmap(d)["basic_auth.ini"].replace(
+            "default_permission = READ", "default_permission = EDIT")}),
+        "default_permission 'EDIT'"),
+    "admin-password-in-configmap": (
+        lambda d: _configmap(d).update({"basic_auth.ini": _configmap(d)["basic_auth.ini"] + "admin_password = x\n"}),
+        "admin_password belongs"),
+    "config-path-elsewhere": (
+        lambda d: _set_env(_server_container(d), "MLFLOW_AUTH_CONFIG_PATH", {"value": "/etc/other/auth.ini"}),
+        "MLFLOW_AUTH_CONFIG_PATH must name a key of a mounted ConfigMap"),
+    "auth-db-on-emptydir": (_store_on_emptydir, "the auth database"),
+    "service-port": (lambda d: _docs_by_kind(d)["Service"][0]["spec"]["ports"][0].update(port=5001), "port 5000"),
+    "service-namespace": (lambda d: _docs_by_kind(d)["Service"][0]["metadata"].update(namespace="default"),
+                          "no Service 'mlflow' in namespace 'mlflow'"),
+    "allowed-hosts": (lambda d: _replace_arg(d, next(a for a in _server_args(d) if "svc.cluster.local" in a),
+                                             "localhost:5000"), "--allowed-hosts"),
+    "probe": (lambda d: _server_container(d)["readinessProbe"]["httpGet"].update(path="/"), "/health"),
+    "other-image": (lambda d: _server_container(d).update(image="ghcr.io/mlflow/mlflow:v3.0.0"), "differs from"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MLFLOW_SERVER_MUTATIONS))
+def test_mlflow_server_checker_catches_mistakes(mutation):
+    mutate, expected = MLFLOW_SERVER_MUTATIONS[mutation]
+    docs = load_yaml_docs(MLFLOW_SERVER)
+    mutate(docs)
+    problems = mlflow_server_problems(docs, *_ray_pods_tracking_uri_and_image())
     assert any(expected in p for p in problems), problems
 
 
@@ -377,6 +853,17 @@ def test_dockerfile_pins_match_pyproject_and_installed_ray():
     assert '"ray[default,tune,rllib]==${RAY_VERSION}"' in text and '"gymnasium==${GYMNASIUM_VERSION}"' in text
     # torch before everything that could pull another build of it.
     assert text.index('pip install "torch==') < text.index('pip install "ray[')
+
+
+def test_dockerfile_installs_mlflows_auth_app():
+    """The image's tracking server runs `--app-name basic-auth`, which needs mlflow's [auth] extra (Flask-WTF): it
+    comes with the project's own dependencies, and the build's import check fails without it."""
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(re.match(r"mlflow\[([^\]]*\b)?auth\b", d.replace(" ", "")) for d in deps), deps
+    text = DOCKERFILE.read_text()
+    assert 'pip install "/home/ray/qam_ray"' in text
+    check = re.search(r'python -c "import ([^;]*);', text)[1]
+    assert {"flask_wtf", "mlflow.server.auth"} <= {m.strip() for m in check.split(",")}, check
 
 
 def test_dockerfile_copies_what_the_package_build_needs():

@@ -16,6 +16,7 @@ import urllib.request
 
 PROBE_TIMEOUT_S = 5.0
 RAY_PROBE_TIMEOUT_S = 30.0
+API_PROBE_TIMEOUT_S = 30.0
 URI_FORMS = ("sqlite:////absolute/path/mlflow.db", "http(s)://host:port of an MLflow server",
              "postgresql://… / mysql://… (a database MLflow supports)")
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "postgresql+psycopg2", "mysql+pymysql")
@@ -84,8 +85,8 @@ def _probe_server(uri: str, source: str) -> list[str]:
     if user is not None:
         token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
-    try:
-        urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S).close()
+    try:  # a basic-auth server hashes the password (scrypt) per request: seconds on a loaded machine
+        urllib.request.urlopen(request, timeout=API_PROBE_TIMEOUT_S).close()
     except urllib.error.HTTPError as error:
         if error.code in (401, 403):
             who = f"user {user!r}" if user is not None else "no credentials"
