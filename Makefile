@@ -13,8 +13,9 @@ export MUJOCO_GL ?= egl
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e ".[dev]"
+	@echo "installing torch $(TORCH_VERSION) (CPU) unless one is there, then qam_ray and its dependencies ..."
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --progress-bar on torch==$(TORCH_VERSION)
+	$(PY) -m pip install --progress-bar on -e ".[dev]"
 	touch $@
 
 # The main job: a real small sweep (2 seeds, generated data, local Ray, MLflow in ./mlflow.db), then its table.

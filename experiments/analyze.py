@@ -3,7 +3,8 @@
     python experiments/analyze.py --experiment qam_ray --sweep my-sweep --stage offline_1M --out results/analysis
 
 Writes table.md (domains × methods, "ours mean ± std (seeds, steps) / paper mean ± std"), table.csv (long
-form) and learning_curves.png (per domain, a line per method: mean over seeds, ± std band, each seed thin).  Runs on generated data are marked.  The tracking URI is --tracking-uri, else
+form), learning_curves.png (per domain, a line per method: mean over seeds, ± std band, each seed thin) and
+comparison.png (bars: ours beside the published numbers).  Runs on generated data are marked.  The tracking URI is --tracking-uri, else
 MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (the sweep's default).
 """
 
@@ -18,18 +19,10 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qam_ray.orchestration.analysis import (
-    STAGES,
-    compare_with_published,
-    format_markdown,
-    learning_curves,
-    load_runs,
-    paper_table,
-    plot_learning_curves,
-)
+from qam_ray.orchestration.analysis import STAGES, load_runs, write_report
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI")
                    or f"sqlite:///{os.path.abspath('mlflow.db')}")
@@ -37,32 +30,34 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", default=None, help="only runs tagged with this sweep name")
     p.add_argument("--stage", choices=STAGES, default="offline_1M", help="which published numbers to compare with")
     p.add_argument("--out", default="results/analysis")
-    args = p.parse_args(argv)
+    return p, p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    p, args = parse_args(argv)
     experiments = args.experiment or ["qam_ray"]
     runs = load_runs(experiments, args.tracking_uri, args.sweep)
     if runs.empty:
         raise SystemExit(f"no trial runs with {'eval/success_rate'} in experiments {experiments} at {args.tracking_uri}"
                          + (f" for sweep {args.sweep!r}" if args.sweep else ""))
-    comparison = compare_with_published(paper_table(runs), args.stage)
-    os.makedirs(args.out, exist_ok=True)
-    markdown = format_markdown(comparison)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(f"Success rate (%), ours vs published ({args.stage}); {len(runs)} runs.\n\n{markdown}\n")
-    comparison.to_csv(os.path.join(args.out, "table.csv"), index=False)
-    plot_learning_curves(runs, learning_curves(list(runs["run_id"]), args.tracking_uri),
-                         os.path.join(args.out, "learning_curves.png"))
+    markdown, _ = write_report(runs, args.out, args.stage, args.tracking_uri)
     print(markdown)
-    print(f"\ntable: {args.out}/table.md (and table.csv)\nlearning curves: {args.out}/learning_curves.png")
-    print(mlflow_ui_hint(args.tracking_uri, experiments[0]))
+    print(f"\ntable: {args.out}/table.md (and table.csv)\nlearning curves: {args.out}/learning_curves.png"
+          f"\ncomparison with the paper: {args.out}/comparison.png")
+    print(mlflow_ui_hint(args.tracking_uri, experiments[0], args.sweep))
     return 0
 
 
-def mlflow_ui_hint(tracking_uri: str, experiment: str) -> str:
-    """The one command (or address) that shows the runs in the MLflow UI."""
+def mlflow_ui_hint(tracking_uri: str, experiment: str, sweep: str | None = None) -> str:
+    """The one command (or address) that shows the runs in the MLflow UI, filtered to ``sweep``."""
+    import urllib.parse
+
     from mlflow.tracking import MlflowClient
 
     found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
     page = f"#/experiments/{found.experiment_id}" if found else ""
+    if found and sweep:
+        page += "?" + urllib.parse.urlencode({"searchFilter": f"tags.sweep = '{sweep}'"})
     if tracking_uri.startswith(("http://", "https://")):
         return f"MLflow UI: {tracking_uri.rstrip('/')}/{page}"
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")

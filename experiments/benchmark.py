@@ -302,7 +302,7 @@ def online_benchmarks(args, device: torch.device, dataset_dir: str, common: dict
     return records
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--steps", type=int, default=20, help="timed updates per repeat")
@@ -321,7 +321,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or all)")
     p.add_argument("--json", default=None, help="JSON file to add the records to")
-    args = p.parse_args(argv)
+    return p, p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    p, args = parse_args(argv)
     if args.plain_only:
         args.only = ["plain"]
     if args.plain_only and args.online:

@@ -140,3 +140,31 @@ def test_search_preset_runs_optuna_trials_with_distinct_hyperparameters(local_ra
     sampled = {(r.data.params["inv_temp"], r.data.params["edit_scale"]) for r in runs}
     assert len(sampled) == 2  # Optuna proposed two different configurations
     assert all(r.data.tags["method"] == "QAM-E" for r in runs)
+
+
+def test_mlflow_is_ready_for_comparing_methods(smoke_sweep):
+    """The experiment opens on training runs; each child run has its dataset as an input and its final policy as a
+    model that loads with mlflow.pyfunc and maps observations to action chunks; the parent carries the summary."""
+    import mlflow
+    import numpy as np
+
+    _, uri, _ = smoke_sweep
+    client, runs = trial_runs(uri)
+    experiment = client.get_experiment_by_name("qam_ray")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    children = [r for r in runs if r.data.tags["qam_ray.role"] == "trial"]
+    mlflow.set_tracking_uri(uri)
+    for run in children:
+        (dataset_input,) = run.inputs.dataset_inputs
+        assert dataset_input.dataset.name == "cube-single-play-v0 (generated)"
+        assert dataset_input.dataset.digest == run.data.tags["dataset_sha256"][:16]
+        assert {t.key: t.value for t in dataset_input.tags}["source"] == "generated"
+    for method in SMOKE_METHODS:  # one policy per agent family is enough to load
+        run = next(r for r in children if r.data.tags["method"] == method)
+        policy = mlflow.pyfunc.load_model(run.data.tags["policy_model_uri"])
+        chunks = policy.predict(np.zeros((3, 28), np.float32))
+        assert chunks.shape == (3, 5, 5) and np.abs(chunks).max() <= 1.0
+    (parent,) = [r for r in runs if r.data.tags["qam_ray.role"] == "sweep"]
+    assert {f"{m}/final_success_mean" for m in SMOKE_METHODS} <= set(parent.data.metrics)
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/table.md", "report/comparison.png", "report/learning_curves.png"} <= report

@@ -50,6 +50,7 @@ class OfflineDataset:
     clip_actions: bool
     train: dict[str, np.ndarray]  # TRANSITION_KEYS -> float32 arrays
     val: dict[str, np.ndarray]
+    train_path: str = ''  # the train file it was read from
 
     @property
     def obs_dim(self) -> int:
@@ -112,6 +113,7 @@ def load_offline_dataset(env_name: str, dataset_dir: str | os.PathLike | None = 
         clip_actions=clip_actions,
         train=splits['train'],
         val=splits['val'],
+        train_path=train_path,
     )
 
 

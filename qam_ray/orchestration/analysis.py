@@ -152,3 +152,61 @@ def plot_learning_curves(runs: pd.DataFrame, curves: pd.DataFrame, path: str) ->
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_comparison(comparison: pd.DataFrame, path: str) -> None:
+    """Bars per domain (aggregate last): for each method ours (mean ± std over seeds) beside the paper's, hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    domains = sorted(d for d in comparison["domain"].unique() if d != AGGREGATE) + [AGGREGATE]
+    domains = [d for d in domains if d in set(comparison["domain"])]
+    methods = sorted(comparison["method"].unique())
+    width = 0.8 / (2 * len(methods))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(domains) * len(methods)), 3.6))
+    rows = comparison.set_index(["method", "domain"])
+    for i, method in enumerate(methods):
+        for j, (kind, column, error) in enumerate((("ours", "mean", "std"), ("paper", "paper_mean", "paper_std"))):
+            values = [rows.loc[(method, d), column] if (method, d) in rows.index else np.nan for d in domains]
+            errors = [rows.loc[(method, d), error] if (method, d) in rows.index else np.nan for d in domains]
+            offsets = np.arange(len(domains)) + (2 * i + j - len(methods) + 0.5) * width
+            ax.bar(offsets, values, width, yerr=errors, color=f"C{i}", hatch="//" if kind == "paper" else None,
+                   alpha=0.55 if kind == "paper" else 0.9, label=f"{method} ({kind})", capsize=2)
+    generated = set(comparison.loc[comparison["generated"], "domain"])
+    ax.set_xticks(np.arange(len(domains)), [d + ("\n[generated data]" if d in generated else "") for d in domains],
+                  fontsize="small")
+    ax.set(ylabel="success rate (%)", ylim=(0, 102), title="ours vs published (mean ± std over seeds)")
+    ax.legend(fontsize="x-small", ncol=len(methods))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+REPORT_FILES = ("table.md", "table.csv", "learning_curves.png", "comparison.png")
+
+
+def write_report(runs: pd.DataFrame, out: str, stage: str, tracking_uri: str | None = None) -> tuple[str, pd.DataFrame]:
+    """The comparison table (markdown, CSV), the learning curves and the comparison bars of ``runs`` into ``out``;
+    returns the markdown table and the comparison frame."""
+    import os
+
+    comparison = compare_with_published(paper_table(runs), stage)
+    os.makedirs(out, exist_ok=True)
+    markdown = format_markdown(comparison)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"Success rate (%), ours vs published ({stage}); {len(runs)} runs.\n\n{markdown}\n")
+    comparison.to_csv(os.path.join(out, "table.csv"), index=False)
+    plot_learning_curves(runs, learning_curves(list(runs["run_id"]), tracking_uri),
+                         os.path.join(out, "learning_curves.png"))
+    plot_comparison(comparison, os.path.join(out, "comparison.png"))
+    return markdown, comparison
+
+
+def summary_metrics(comparison: pd.DataFrame) -> dict[str, float]:
+    """Per method, the aggregate's mean and std over seeds of the final success: what a sweep's parent run logs."""
+    rows = comparison[comparison["domain"] == AGGREGATE]
+    return {f"{row.method}/final_success_{stat}": float(getattr(row, stat)) for row in rows.itertuples()
+            for stat in ("mean", "std")}

@@ -16,7 +16,8 @@ import traceback
 
 DEFAULT_EXPERIMENT = "qam_ray"
 ROLE_TAG = "qam_ray.role"  # "sweep" on parent runs, "trial" on child runs
-CHECKPOINT_DIR_TAG = "checkpoint_dir"  # on trial runs: the folder of the trial's Tune checkpoints
+CHECKPOINT_DIR_TAG = "checkpoint_dir"  # on trial runs: the trial's folder, which holds its checkpoints/
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 def default_tracking_uri(base_dir: str) -> str:
@@ -56,7 +57,9 @@ def ensure_experiment(tracking_uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
         if tracking_uri.startswith("sqlite:///"):
             artifact_location = "file://" + os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]),
                                                          "mlartifacts")
-        return client.create_experiment(name, artifact_location=artifact_location)
+        # MLflow 3's UI opens an experiment of this kind on its training runs, not on GenAI traces.
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
 
 
 def parent_run(tracking_uri: str, experiment_id: str, sweep: str, tags: dict[str, str]) -> str:
@@ -85,6 +88,22 @@ def trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, name: s
     )
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
     return run.info.run_id
+
+
+def log_dataset_input(tracking_uri: str, run_id: str, dataset_info: dict) -> None:
+    """The run's training dataset as an MLflow dataset input (the runs table's Dataset column): its file, name,
+    digest (SHA-256 prefix) and whether it is official or generated."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.tracking import MlflowClient
+
+    dataset = MetaDataset(resolve_dataset_source(dataset_info["path"]),
+                          name=f"{dataset_info['name']} ({dataset_info['dataset_source']})",
+                          digest=dataset_info["dataset_sha256"][:16])
+    tags = [InputTag("mlflow.data.context", "training"), InputTag("source", dataset_info["dataset_source"]),
+            InputTag("transitions", str(dataset_info["transitions"]))]
+    MlflowClient(tracking_uri).log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
 
 
 ERROR_TAG = "error"  # on a failed run: the one-line reason (the traceback is its errors/ artifact)

@@ -19,6 +19,7 @@ import tempfile
 from qam_ray.orchestration.tracking import CHECKPOINT_DIR_TAG
 
 TRIAL_STATE = "trial.json"
+POLICY_TAG = "policy_model_uri"  # on finished trial runs: mlflow.pyfunc.load_model(<it>).predict(observations)
 
 
 def optuna_space(trial, method: str) -> dict:
@@ -83,7 +84,8 @@ def agent_trial(config: dict, base_spec: dict | None = None) -> None:
             offset = state["offline_steps"]
             _run_phase(algo, spec, state, metrics, lambda result: _online_row(result, offset),
                        done=lambda step: step - offset >= spec["online_steps"])
-        _finish_run(spec, run_id, hyperparams, state["curve"])
+        _finish_run(spec, run_id, hyperparams, state["curve"],
+                    algo.learner_value(lambda learner: learner.agent_module.agent))
     except Exception as error:
         if run_id is not None:
             mark_failed(spec["tracking"]["uri"], run_id, error)
@@ -128,8 +130,9 @@ def _offline_row(result: dict) -> tuple[int, dict, dict]:
     """(step, metrics to log, Tune report) of an offline iteration."""
     step = int(result["num_gradient_steps_lifetime"])
     learner = dict(result["learners"]["default_policy"])
-    logged = {"perf/updates_per_s": learner.pop("updates_per_s"), **{f"train/{k}": v for k, v in learner.items()}}
-    return step, logged, {"step": step, "total_loss": learner["total_loss"]}
+    updates_per_s = learner.pop("updates_per_s")
+    logged = {"perf/updates_per_s": updates_per_s, **{f"train/{k}": v for k, v in learner.items()}}
+    return step, logged, {"step": step, "total_loss": learner["total_loss"], "updates_per_s": updates_per_s}
 
 
 def _online_row(result: dict, offline_steps: int) -> tuple[int, dict, dict]:
@@ -141,7 +144,7 @@ def _online_row(result: dict, offline_steps: int) -> tuple[int, dict, dict]:
     report = {"step": step, "env_steps": int(online["env_steps"])}
     if online["updates"]:
         learner = result["learners"]["default_policy"]
-        logged["perf/updates_per_s"] = online["updates_per_s"]
+        logged["perf/updates_per_s"] = report["updates_per_s"] = online["updates_per_s"]
         logged.update({f"train/{k}": v for k, v in learner.items()})
         report["total_loss"] = learner["total_loss"]
     runners = result.get("env_runners", {})
@@ -271,13 +274,17 @@ def _run_tags(spec: dict) -> dict[str, str]:
 
 
 def _set_run_tags(spec: dict, run_id: str, dataset_info: dict) -> None:
-    """What is known once the algorithm is built: the dataset, and where this trial keeps its checkpoints."""
+    """What is known once the algorithm is built: the dataset (also as the run's MLflow dataset input), and where
+    this trial keeps its checkpoints."""
     from mlflow.entities import RunTag
     from mlflow.tracking import MlflowClient
+
+    from qam_ray.orchestration.tracking import log_dataset_input
 
     tags = {"dataset_source": dataset_info["dataset_source"], "dataset_sha256": dataset_info["dataset_sha256"],
             CHECKPOINT_DIR_TAG: _checkpoint_dir(spec)}
     MlflowClient(spec["tracking"]["uri"]).log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    log_dataset_input(spec["tracking"]["uri"], run_id, dataset_info)
 
 
 def _checkpoint_dir(spec: dict) -> str:
@@ -319,8 +326,11 @@ def _find_or_create_run(spec: dict, hyperparams: dict) -> str:
                      params)
 
 
-def _finish_run(spec: dict, run_id: str, hyperparams: dict, curve: list) -> None:
-    """Artifacts: the resolved config, the checkpoint reference and the learning curve; then mark it finished."""
+def _finish_run(spec: dict, run_id: str, hyperparams: dict, curve: list, agent) -> None:
+    """Artifacts: the resolved config, the checkpoint reference, the learning curve and the final policy as an MLflow
+    model (its URI in the ``policy_model_uri`` tag); then mark it finished."""
+    from qam_ray.orchestration.policy_model import log_policy
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,4 +356,6 @@ def _finish_run(spec: dict, run_id: str, hyperparams: dict, curve: list) -> None
         fig.savefig(path, dpi=110)
         plt.close(fig)
         client.log_artifact(run_id, path)
+    policy_uri = log_policy(spec["tracking"]["uri"], run_id, spec["method"], agent, spec["seed"])
+    client.set_tag(run_id, POLICY_TAG, policy_uri)
     client.set_terminated(run_id, "FINISHED")

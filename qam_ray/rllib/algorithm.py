@@ -24,6 +24,7 @@ Evaluation runs on RLlib's evaluation EnvRunners with action chunks executed ope
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -44,6 +45,11 @@ from qam_ray.rllib.learner import AgentLearner
 from qam_ray.rllib.module import AgentRLModule
 
 ONLINE_RESULTS = "online"  # result key of the online phase's counters and timings
+
+# Every algorithm here runs on RLlib's new API stack by design; its "you are running on the new API stack" notice
+# at each build is noise.
+logging.getLogger("ray.rllib.algorithms.algorithm_config").addFilter(
+    lambda record: "on the new API stack" not in record.getMessage())
 
 # Hyperparameters that RLlib's AlgorithmConfig holds under its own name (one name per setting).
 RLLIB_NAMES = {"discount": "gamma", "lr": "lr", "tau": "tau", "clip_grad_max_norm": "grad_clip"}

@@ -10,12 +10,21 @@ the env steps it played in ``info["transitions"]``; ``episode_transitions`` turn
 
 from __future__ import annotations
 
+import warnings
+
 import gymnasium as gym
 import numpy as np
 from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.tune.registry import register_env
 
 ENV_ID = "qam-ogbench-chunked"
+
+# Harmless warnings this package triggers again and again, silenced by their exact text (real ones stay visible):
+# OGBench's manipulation envs build their action Box from float64 bounds on every access, and every algorithm this
+# process builds re-registers RLlib's env wrapper with gymnasium.
+warnings.filterwarnings("ignore", message=r".*Box (low|high)'s precision lowered by casting to float32",
+                        category=UserWarning)
+warnings.filterwarnings("ignore", message=r".*Overriding environment rllib-.* already in registry", category=UserWarning)
 
 
 class ActionChunkEnv(gym.Wrapper):

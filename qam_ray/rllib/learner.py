@@ -63,7 +63,8 @@ class AgentLearner(TorchLearner):
         size = len(dataset.train["rewards"])
         self.buffer = ChunkReplayBuffer.from_arrays(dataset.train, self._device, capacity=size + online_capacity)
         self._offline_size, self._sparse = size, sparse
-        return {"dataset_source": dataset.source, "dataset_sha256": dataset.sha256, "transitions": size}
+        return {"dataset_source": dataset.source, "dataset_sha256": dataset.sha256, "transitions": size,
+                "name": dataset.dataset_name, "path": dataset.train_path}
 
     @property
     def online_transitions(self) -> int:
