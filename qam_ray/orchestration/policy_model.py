@@ -10,7 +10,10 @@ noise from the model's own generator (seeded once at load, so a loaded model is 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
 
 import mlflow.pyfunc
 import numpy as np
@@ -35,11 +38,26 @@ class AgentPolicy(mlflow.pyfunc.PythonModel):
         self.agent.eval()
         self.generator = torch.Generator().manual_seed(payload.get("seed", 0))
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         import torch
 
         obs = torch.as_tensor(np.asarray(model_input, dtype=np.float32).reshape(len(model_input), -1))
         return self.agent.sample_actions(obs, self.generator).numpy()
+
+
+@contextlib.contextmanager
+def quiet_model_logging():
+    """MLflow's advice while logging this model, which does not apply: the signature is given explicitly (no input
+    example needed), and the PythonModel is pickled on purpose (its class ships in code_paths)."""
+    pyfunc_logger = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_logger.level
+    pyfunc_logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*An input example was not provided")
+        try:
+            yield
+        finally:
+            pyfunc_logger.setLevel(level)
 
 
 def log_policy(tracking_uri: str, run_id: str, method: str, agent, seed: int) -> str:
@@ -59,7 +77,7 @@ def log_policy(tracking_uri: str, run_id: str, method: str, agent, seed: int) ->
     example = np.zeros((2, hp.obs_dim), np.float32)
     signature = infer_signature(example, np.zeros((2, hp.horizon_length, hp.action_dim), np.float32))
     mlflow.set_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as directory, mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory() as directory, mlflow.start_run(run_id=run_id), quiet_model_logging():
         path = os.path.join(directory, POLICY_FILE)
         torch.save(payload, path)
         info = mlflow.pyfunc.log_model(

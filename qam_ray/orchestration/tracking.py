@@ -93,12 +93,14 @@ def trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, name: s
 def log_dataset_input(tracking_uri: str, run_id: str, dataset_info: dict) -> None:
     """The run's training dataset as an MLflow dataset input (the runs table's Dataset column): its file, name,
     digest (SHA-256 prefix) and whether it is official or generated."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.tracking import MlflowClient
 
-    dataset = MetaDataset(resolve_dataset_source(dataset_info["path"]),
+    # MLflow registers its local-file source twice (once per scheme), which alone makes it warn: name the first.
+    local = next(source for source in get_registered_sources() if source.__name__ == "LocalArtifactDatasetSource")
+    dataset = MetaDataset(resolve_dataset_source(dataset_info["path"], candidate_sources=[local]),
                           name=f"{dataset_info['name']} ({dataset_info['dataset_source']})",
                           digest=dataset_info["dataset_sha256"][:16])
     tags = [InputTag("mlflow.data.context", "training"), InputTag("source", dataset_info["dataset_source"]),
