@@ -70,7 +70,7 @@ def test_analyze_cli_writes_table_csv_and_curves(tracking_uri, tmp_path):
     spec.loader.exec_module(script)
     out = tmp_path / "analysis"
     assert script.main(["--tracking-uri", tracking_uri, "--sweep", "s1", "--out", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"table.md", "table.csv", "learning_curves.png"}
+    assert {p.name for p in out.iterdir()} == {"table.md", "table.csv", "learning_curves.png", "comparison.png"}
     assert (out / "learning_curves.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="no trial runs"):
         script.main(["--tracking-uri", tracking_uri, "--sweep", "missing", "--out", str(out)])

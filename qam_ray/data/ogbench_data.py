@@ -94,13 +94,7 @@ def load_offline_dataset(env_name: str, dataset_dir: str | os.PathLike | None = 
         _check_loaded(data, path, name, obs_dim, action_dim)
         splits[split] = _preprocess(data, sparse, clip_actions)
 
-    try:
-        manifest = read_manifest(dataset_dir, name.dataset_name)
-    except json.JSONDecodeError as error:
-        raise DatasetError(f'the manifest of {name.dataset_name} in {dataset_dir} is not valid JSON ({error}); '
-                           'regenerate the dataset.') from None
-    if manifest is not None:
-        _check_manifest(manifest, name, [train_path, val_path])
+    manifest = _checked_manifest(dataset_dir, name, [train_path, val_path])
     with open(train_path, 'rb') as file:
         sha256 = hashlib.file_digest(file, 'sha256').hexdigest()
     return OfflineDataset(
@@ -129,6 +123,11 @@ def check_dataset_files(env_name: str, dataset_dir: str | os.PathLike) -> str:
         raise DatasetError(f'{", ".join(missing)} missing. {_how_to_get_data(name)}')
     for path in paths:
         _check_raw_file(path, name)
+    return 'official' if _checked_manifest(dataset_dir, name, paths) is None else 'generated'
+
+
+def _checked_manifest(dataset_dir: str, name: SingletaskName, paths: list[str]) -> dict | None:
+    """The manifest of a generated dataset, checked against its files; None for official data (it has none)."""
     try:
         manifest = read_manifest(dataset_dir, name.dataset_name)
     except json.JSONDecodeError as error:
@@ -136,7 +135,7 @@ def check_dataset_files(env_name: str, dataset_dir: str | os.PathLike) -> str:
                            'regenerate the dataset.') from None
     if manifest is not None:
         _check_manifest(manifest, name, paths)
-    return 'official' if manifest is None else 'generated'
+    return manifest
 
 
 def _check_manifest(manifest: dict, name: SingletaskName, paths: list[str]) -> None:
