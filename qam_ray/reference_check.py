@@ -52,6 +52,7 @@ class Tolerances:
 FORMATS = {  # an agent's FIXTURE_FORMAT names its family's format document
     "qam": Tolerances(),  # FIXTURE_FORMAT.md §7
     "baselines": Tolerances(stat_floor=1.0, grad_floor=1e-3),  # FIXTURE_FORMAT_BASELINES.md §10
+    "baselines2": Tolerances(stat_floor=1.0, grad_floor=1e-3),  # FIXTURE_FORMAT_BASELINES2.md §11
 }
 BATCH_KEYS = ("observations", "actions", "rewards", "masks", "valid", "terminals", "next_observations")
 
@@ -220,7 +221,7 @@ def check_fixture(path: str) -> list[Check]:
             if f"/modules_{module}/" in key:
                 fixture.unread.discard(key)
     config = fixture.config
-    optimizer = agent.make_optimizer(betas=(config["adam_b1"], config["adam_b2"]), eps=config["adam_eps"])
+    optimizers = agent.make_optimizers(betas=(config["adam_b1"], config["adam_b2"]), eps=config["adam_eps"])
     batch = {k: fixture.tensor(f"batch/{k}") for k in BATCH_KEYS}
     checks = check_acting(agent, fixture, tol) if "act/observations" in fixture else []
     online = {n: p for n, p in agent.named_parameters() if p.requires_grad}
@@ -233,7 +234,9 @@ def check_fixture(path: str) -> list[Check]:
             raw_grads.update({n: p.grad.clone() for n, p in online.items() if p.grad is not None})
 
         draws = load_draws(fixture, prefix, agent.draw_specs(batch["observations"].shape[0]))
-        metrics, inter = agent.update(optimizer, batch, draws, on_raw_gradients=keep_raw_grads)
+        # Per-update switches the fixture records as lists (e.g. ReBRAC's full_update), entry i for update i.
+        options = {key: config[key][update - 1] for key in agent.FIXTURE_PER_UPDATE}
+        metrics, inter = agent.update(optimizers, batch, draws, on_raw_gradients=keep_raw_grads, **options)
         checks += check_scalars(fixture, prefix, tag, metrics, agent_cls.FIXTURE_METRIC_ALIASES, tol)
         checks += check_intermediates(fixture, prefix, tag, inter, tol)
 
@@ -256,8 +259,9 @@ def check_fixture(path: str) -> list[Check]:
             checks.append(compare(f"{tag}params/{name}", value, fixture.param(snapshot, name, subs), "abs",
                                   tol.targets if is_target else tol.params))
         if update == 1:
+            states = {p: opt.state[p] for opt in optimizers.values() for g in opt.param_groups for p in g["params"]}
             for name, param in online.items():
-                state = optimizer.state[param]
+                state = states[param]
                 for ours, theirs in (("exp_avg", "mu"), ("exp_avg_sq", "nu")):
                     ref = fixture.param(f"adam_after_one_update/{theirs}", name, subs)
                     checks.append(compare(f"{tag}adam_{theirs}/{name}", state[ours], ref, "maxrel", tol.adam))

@@ -21,7 +21,7 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced NaN/inf; stop instead of training on garbage."""
 
 
-def run_updates(agent: Agent, optimizer: torch.optim.Optimizer, buffer: ChunkReplayBuffer,
+def run_updates(agent: Agent, optimizers: dict[str, torch.optim.Optimizer], buffer: ChunkReplayBuffer,
                 generator: torch.Generator, num_steps: int, batch_size: int, first_step: int = 0,
                 on_raw_gradients: Callable[[], None] | None = None) -> dict[str, float]:
     """``num_steps`` updates on chunks sampled on the buffer's device; returns each metric's mean over them.
@@ -35,7 +35,7 @@ def run_updates(agent: Agent, optimizer: torch.optim.Optimizer, buffer: ChunkRep
     for _ in range(num_steps):
         batch = buffer.sample(batch_size, hp.horizon_length, hp.discount, generator)
         draws = sample_draws(specs, generator, buffer.device)
-        metrics, _ = agent.update(optimizer, batch, draws, on_raw_gradients)
+        metrics, _ = agent.update(optimizers, batch, draws, on_raw_gradients)
         for key, value in metrics.items():
             sums[key] = sums[key] + value if key in sums else value.clone()
     names = list(sums)
@@ -50,14 +50,14 @@ def run_updates(agent: Agent, optimizer: torch.optim.Optimizer, buffer: ChunkRep
 
 
 class OfflineTrainer:
-    """An agent + its optimizer + a buffer + one device-side random generator, seeded once."""
+    """An agent + its optimisers + a buffer + one device-side random generator, seeded once."""
 
     def __init__(self, method: str, hp: AgentHyperparams, buffer: ChunkReplayBuffer, batch_size: int = 256,
                  seed: int = 0):
         self.method, self.hp, self.buffer, self.batch_size = method, hp, buffer, batch_size
         torch.manual_seed(seed)  # network initialisation
         self.agent = agent_class(method)(hp).to(buffer.device)
-        self.optimizer = self.agent.make_optimizer()
+        self.optimizers = self.agent.make_optimizers()
         self.generator = torch.Generator(device=buffer.device).manual_seed(seed)
         self.step = 0
 
@@ -70,17 +70,19 @@ class OfflineTrainer:
 
     def train(self, num_steps: int) -> dict[str, float]:
         """``num_steps`` updates; returns each metric's mean over them (one host sync per call)."""
-        means = run_updates(self.agent, self.optimizer, self.buffer, self.generator, num_steps, self.batch_size,
+        means = run_updates(self.agent, self.optimizers, self.buffer, self.generator, num_steps, self.batch_size,
                             first_step=self.step)
         self.step += num_steps
         return means
 
     def state_dict(self) -> dict:
-        return {"agent": self.agent.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"agent": self.agent.state_dict(),
+                "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
                 "generator": self.generator.get_state(), "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         self.agent.load_state_dict(state["agent"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
         self.generator.set_state(state["generator"])
         self.step = state["step"]

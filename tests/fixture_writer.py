@@ -82,7 +82,8 @@ def write_fixture(path, method: str, batch_size: int = 6, seed: int = 0, acting_
         agent.act(obs, draws, intermediates=acting)
         arrays.update({"act/observations": obs.numpy(), **{f"act/{k}": v.numpy() for k, v in draws.items()},
                        **{k: v.numpy() for k, v in acting.items()}})
-    optimizer = agent.make_optimizer()
+    optimizers = agent.make_optimizers()
+    param_state = lambda p: next(o.state[p] for o in optimizers.values() if p in o.state)  # noqa: E731
     online = {n: p for n, p in agent.named_parameters() if p.requires_grad}
     for update, prefix in ((1, ""), (2, "step2/")):
         draws = sample_draws(agent.draw_specs(batch_size), generator, "cpu")
@@ -91,7 +92,7 @@ def write_fixture(path, method: str, batch_size: int = 6, seed: int = 0, acting_
         def keep():
             grads.update({n: p.grad.clone() for n, p in online.items()})
 
-        metrics, inter = agent.update(optimizer, batch, draws, on_raw_gradients=keep)
+        metrics, inter = agent.update(optimizers, batch, draws, on_raw_gradients=keep)
         arrays.update({prefix + k: v.numpy() for k, v in draws.items()})
         arrays.update({prefix + k: v.detach().numpy() for k, v in inter.items()})
         logged = {k: v for k, v in metrics.items() if k not in ("total_loss", "grad_norm")}
@@ -105,7 +106,7 @@ def write_fixture(path, method: str, batch_size: int = 6, seed: int = 0, acting_
         arrays.update(tree(agent, agent.state_dict(), snapshot))
         if update == 1:
             for ours, theirs in (("exp_avg", "mu"), ("exp_avg_sq", "nu")):
-                state = {n: optimizer.state[p][ours] for n, p in online.items()}
+                state = {n: param_state(p)[ours] for n, p in online.items()}
                 arrays.update(tree(agent, state, f"adam_after_one_update/{theirs}"))
     np.savez(path, **arrays)
     return config

@@ -113,9 +113,9 @@ def test_action_chunks_and_one_update_with_polyak_from_pre_step_weights(case):
     obs = torch.randn(7, OBS, dtype=torch.float64)
     chunks = agent.sample_actions(obs, torch.Generator().manual_seed(0))
     assert chunks.shape == (7, H, A) and float(chunks.abs().max()) <= 1.0
-    optimizer = agent.make_optimizer()
+    optimizers = agent.make_optimizers()
     before = {n: p.detach().clone() for n, p in agent.named_parameters()}
-    metrics, _ = agent.update(optimizer, batch(), draws(agent))
+    metrics, _ = agent.update(optimizers, batch(), draws(agent))
     assert all(math.isfinite(float(v)) for v in metrics.values())
     for name, param in agent.named_parameters():
         module = name.split(".")[0]
@@ -331,7 +331,7 @@ def test_a_parameter_no_loss_reaches_still_gets_a_zero_gradient_as_optax_gives_i
     def grads_before_the_clip():
         seen.update({name: p.grad for name, p in agent.named_parameters() if p.requires_grad})
 
-    agent.update(agent.make_optimizer(), batch(), draws(agent), on_raw_gradients=grads_before_the_clip)
+    agent.update(agent.make_optimizers(), batch(), draws(agent), on_raw_gradients=grads_before_the_clip)
     assert all(g is not None for g in seen.values())
     fast = [g for name, g in seen.items() if name.startswith("actor_fast.")]
     assert fast and all(float(g.abs().max()) == 0.0 for g in fast)

@@ -81,7 +81,8 @@ def test_checker_catches_a_spurious_gradient_clip(monkeypatch):
 def test_checker_catches_polyak_from_post_step_weights_and_a_missing_target(monkeypatch):
     agent = bam.BAMAgent
 
-    def post_step_update(self, optimizer, batch, draws, on_raw_gradients=None):
+    def post_step_update(self, optimizers, batch, draws, on_raw_gradients=None):
+        optimizer = optimizers["adam"]
         optimizer.zero_grad(set_to_none=True)
         losses = self.losses(batch, draws)
         losses.total.backward()

@@ -103,9 +103,7 @@ def test_two_learners_average_gradients(local_ray, tiny_dataset_dir):
 
 
 def adam_first_moments(learner) -> list[np.ndarray]:
-    from ray.rllib.core import DEFAULT_MODULE_ID
-
-    optimizer = learner.get_optimizer(DEFAULT_MODULE_ID, "adam")
+    optimizer = learner.agent_optimizers()["adam"]
     return [optimizer.state[p]["exp_avg"].cpu().numpy() for p in learner.agent_module.agent.online_parameters()]
 
 

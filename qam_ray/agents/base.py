@@ -174,6 +174,8 @@ class Agent(nn.Module):
     FIXTURE_FIXED_FLAGS: ClassVar[dict[str, object]] = {}
     FIXTURE_UNUSED_MODULES: ClassVar[tuple[str, ...]] = ()
     FIXTURE_METRIC_ALIASES: ClassVar[dict[str, str]] = {}
+    # config_json lists whose entry i the reference check passes to update i as a keyword of ``update``.
+    FIXTURE_PER_UPDATE: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, hp: AgentHyperparams):
         super().__init__()
@@ -217,14 +219,18 @@ class Agent(nn.Module):
         raise NotImplementedError
 
     # --- optimisation ------------------------------------------------------------------------------
-    def make_optimizer(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-        """One Adam over every online parameter (the official agents' single optax chain)."""
-        return make_adam(self.online_parameters(), self.hp.lr, betas, eps)
+    def make_optimizers(self, betas: tuple[float, float] = (0.9, 0.999),
+                        eps: float = 1e-8) -> dict[str, torch.optim.Optimizer]:
+        """The agent's optimisers by name; by default one Adam over every online parameter (the QAM repository's
+        single optax chain).  A family with several (IDQL's actor, value and critic) returns each under its name;
+        the learner registers and checkpoints every one."""
+        return {"adam": make_adam(self.online_parameters(), self.hp.lr, betas, eps)}
 
-    def update(self, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+    def update(self, optimizers: dict[str, torch.optim.Optimizer], batch: dict[str, torch.Tensor],
                draws: dict[str, torch.Tensor], on_raw_gradients=None):
-        """One gradient step; returns (metrics, intermediates).  The joint step unless a family overrides it."""
-        return joint_step(self, optimizer, batch, draws, on_raw_gradients)
+        """One gradient step; returns (metrics, intermediates).  The joint step unless a family overrides it.
+        ``on_raw_gradients`` runs after every backward pass, before clipping and stepping."""
+        return joint_step(self, optimizers["adam"], batch, draws, on_raw_gradients)
 
     @classmethod
     def search_space(cls, trial, method: str) -> dict:

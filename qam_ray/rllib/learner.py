@@ -19,7 +19,6 @@ from qam_ray.data.ogbench_data import load_offline_dataset, sparse_rewards
 from qam_ray.data.replay import ChunkReplayBuffer
 from qam_ray.training import run_updates
 
-OPTIMIZER_NAME = "adam"
 GENERATOR_STATE = "sampling_generator_state"
 ONLINE_ROWS = "online_transitions"  # the online part of the buffer, in checkpoints only
 
@@ -47,11 +46,12 @@ class AgentLearner(TorchLearner):
 
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
         agent = self._module[module_id].agent  # already on self._device, so fused Adam is picked on GPU
-        optimizer = agent.make_optimizer()
-        self.register_optimizer(
-            module_id=module_id, optimizer_name=OPTIMIZER_NAME, optimizer=optimizer,
-            params=optimizer.param_groups[0]["params"], lr_or_lr_schedule=agent.hp.lr,
-        )
+        for name, optimizer in agent.make_optimizers().items():
+            self.register_optimizer(
+                module_id=module_id, optimizer_name=name, optimizer=optimizer,
+                params=[p for group in optimizer.param_groups for p in group["params"]],
+                lr_or_lr_schedule=optimizer.param_groups[0]["lr"],
+            )
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         raise NotImplementedError("agents update through run_steps (learner-resident data), not Learner.update")
@@ -92,15 +92,21 @@ class AgentLearner(TorchLearner):
             raise RuntimeError("AgentLearner.run_steps before load_dataset: the algorithm's setup loads it")
         average = self._average_gradients if dist.is_initialized() and dist.get_world_size() > 1 else None
         means = run_updates(
-            self.agent_module.agent, self.get_optimizer(DEFAULT_MODULE_ID, OPTIMIZER_NAME), self.buffer,
+            self.agent_module.agent, self.agent_optimizers(), self.buffer,
             self._generator, num_steps, batch_size, first_step=self.gradient_steps, on_raw_gradients=average,
         )
         self.gradient_steps += num_steps
         self._weights_seq_no += 1  # new weights for EnvRunner syncs
         return means
 
+    def agent_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The agent's optimisers under the names ``make_optimizers`` gave them (as registered with RLlib)."""
+        return dict(self.get_optimizers_for_module(DEFAULT_MODULE_ID))
+
     def _average_gradients(self) -> None:
-        grads = [p.grad for p in self.agent_module.agent.online_parameters()]  # joint_step gives each one
+        # The parameters this backward pass reached (all of them for the joint step, which gives each a gradient;
+        # a subset per pass for a family that steps several optimisers in turn) — the same set on every rank.
+        grads = [p.grad for p in self.agent_module.agent.online_parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
