@@ -88,3 +88,39 @@ def test_two_sweeps_creating_a_fresh_store_at_once_both_succeed(tmp_path):
     for process in processes:
         process.join(timeout=60)
     assert len(set(results)) == 1 and not results[0].startswith("error"), results
+
+
+class _FlakyClient:
+    """A client whose first ``failures`` log_batch calls raise ``message`` as the tracking server would."""
+
+    def __init__(self, failures: int, message: str):
+        self.failures, self.message, self.calls = failures, message, 0
+
+    def log_batch(self, run_id, metrics):
+        from mlflow.exceptions import MlflowException
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise MlflowException(self.message)
+
+
+def test_a_saturated_server_is_retried_and_other_errors_are_not():
+    import pytest
+    from mlflow.exceptions import MlflowException
+
+    from qam_ray.orchestration.tracking import BATCH_RETRY_SECONDS, log_batch_retrying
+
+    waits = []
+    saturated = _FlakyClient(3, "BAD_REQUEST: QueuePool limit of size 5 overflow 10 reached")
+    log_batch_retrying(saturated, "run", [], sleep=waits.append)
+    assert saturated.calls == 4 and len(waits) == 3
+
+    always = _FlakyClient(10**6, "database is locked")
+    with pytest.raises(MlflowException, match="locked"):
+        log_batch_retrying(always, "run", [], sleep=waits.append)
+    assert always.calls == len(BATCH_RETRY_SECONDS) + 1  # bounded: the error surfaces after the last wait
+
+    invalid = _FlakyClient(1, "INVALID_PARAMETER_VALUE: metric value is not a float")
+    with pytest.raises(MlflowException, match="INVALID"):
+        log_batch_retrying(invalid, "run", [], sleep=waits.append)
+    assert invalid.calls == 1

@@ -146,6 +146,29 @@ def last_logged_steps(tracking_uri: str, run_id: str) -> dict[str, int]:
     return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
 
 
+# Errors of a tracking server whose database is momentarily saturated (many trials writing to one sqlite-backed
+# server): the batch's transaction never ran, so sending it again cannot duplicate a point.  MLflow answers them
+# with HTTP 400, which its client does not retry.
+TRANSIENT_STORE_ERRORS = ("QueuePool limit", "database is locked")
+BATCH_RETRY_SECONDS = (1, 2, 4, 8, 15, 30, 30, 30)  # ~2 minutes in all, then the error is raised
+
+
+def log_batch_retrying(client, run_id: str, metrics: list, sleep=time.sleep) -> None:
+    """``client.log_batch``, sent again after a transient store error (with jittered backoff)."""
+    import random
+
+    from mlflow.exceptions import MlflowException
+
+    for wait in (*BATCH_RETRY_SECONDS, None):
+        try:
+            client.log_batch(run_id, metrics=metrics)
+            return
+        except MlflowException as error:
+            if wait is None or not any(text in str(error) for text in TRANSIENT_STORE_ERRORS):
+                raise
+            sleep(wait * random.uniform(0.5, 1.5))
+
+
 class MetricBuffer:
     """Metrics held back until the checkpoint that covers them is saved, then written in batches.
 
@@ -185,7 +208,7 @@ class MetricBuffer:
         client = MlflowClient(self.tracking_uri)
         metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in self._pending]
         for start in range(0, len(metrics), 1000):  # MLflow's log_batch limit
-            client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+            log_batch_retrying(client, self.run_id, metrics[start:start + 1000])
         for key, _, _, step in self._pending:
             self._logged[key] = max(step, self._logged.get(key, -1))
         self._pending = []
