@@ -1,7 +1,9 @@
-"""Generate an OGBench manipulation dataset offline with the oracles that ship in the ogbench package.
+"""Generate an OGBench dataset offline: manipulation with the oracles that ship in the ogbench package, locomotion
+(antmaze / humanoidmaze navigate) with a scripted random walk of the real env (format-valid, not expert data).
 
-Example (from the repo root):
+Examples (from the repo root):
     python experiments/generate_data.py --env cube-double --type play --episodes 100 --seed 0 --out data/ogbench
+    python experiments/generate_data.py --env antmaze-large --type navigate --episodes 2 --seed 0 --out data/ogbench
 
 The files are written in the official format next to a manifest that marks them as generated, so they load with
 ``ogbench.make_env_and_datasets(..., dataset_dir=OUT)`` without any download.
@@ -27,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', required=True, help='output directory (pass it as dataset_dir to ogbench)')
     parser.add_argument('--workers', type=int, default=1, help='worker processes (the output does not depend on it)')
-    parser.add_argument('--episode-length', type=int, default=1001, help='rows per episode (official: 1001)')
+    parser.add_argument('--episode-length', type=int, default=None,
+                        help='rows per episode (default: the official files\', 1001; 2001/4001 humanoid and giant)')
     return parser.parse_args(argv)
 
 
