@@ -13,6 +13,11 @@ and numpy, so ``--plain-only`` runs on a bare GPU machine.  ``rllib_local`` / ``
 the same (name, method, size, device) are replaced, others are kept, so one file collects every benchmark.
 Compare ratios only between records of one run on one machine.
 
+``--shard-swap`` records ``shard_swap``: updates/s of the plain loop on a 100M-style shard folder (puzzle-4x4, a
+100M domain; ``--shard-rows`` rows per shard, tiled from one generated episode) with the next shard swapped in every
+``--shard-interval`` gradient steps (loaded on a background thread), against the same loop without swapping, timed
+in turns in one run; plus the median stall per swap (the seconds training waited for the loader and the copy).
+
 ``--online`` starts every runner count's online phase from one small offline checkpoint (UTD ``--utd`` from the
 first iteration, no evaluation) and records ``online_runners{n}_utd{u}``: the medians over ``--iterations`` of the
 sampling throughput (env steps per second of sampling), updates per second of updating, env steps per wall-second
@@ -176,6 +181,75 @@ def online_rates(it: dict) -> dict:
             "env_steps_per_iteration": it["env_steps"], "iteration_s": it["iteration_s"]}
 
 
+SHARD_ENV = "puzzle-4x4-play-singletask-task1-v0"
+SHARD_COUNT = 3
+
+
+def ensure_shards(dataset_dir: str, rows: int) -> str:
+    """``SHARD_COUNT`` shards of ``rows`` rows in the 100M layout under ``dataset_dir``: one generated puzzle-4x4
+    episode tiled (each shard's observations shifted a little, so shards differ), compressed like OGBench's."""
+    from qam_ray.data.generate import generate_dataset
+    from qam_ray.data.shards import shard_folder_name
+
+    folder = os.path.join(dataset_dir, shard_folder_name("puzzle-4x4-play-v0"))
+    paths = [os.path.join(folder, f"puzzle-4x4-play-v0-{k:03d}.npz") for k in range(SHARD_COUNT)]
+    if all(os.path.exists(p) for p in paths) and np.load(paths[0])["terminals"].shape[0] == rows:
+        return dataset_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        episode = np.load(generate_dataset("puzzle-4x4", "play", 1, seed=0, out_dir=tmp, progress=False)["train_path"])
+        episode = {key: episode[key] for key in episode.files}
+    length = len(episode["terminals"])
+    if rows % length:
+        raise SystemExit(f"--shard-rows {rows}: must be a multiple of the episode length {length}")
+    os.makedirs(folder, exist_ok=True)
+    for k, path in enumerate(paths):
+        shard = {key: np.concatenate([value] * (rows // length)) for key, value in episode.items()}
+        shard["observations"] = shard["observations"] + np.float32(1e-3 * k)
+        np.savez_compressed(path, **shard)
+    return dataset_dir
+
+
+def shard_benchmark(args, device: torch.device, common: dict) -> list[dict]:
+    from qam_ray.data.shards import ShardStream, open_shards
+
+    dataset = open_shards(SHARD_ENV, ensure_shards(os.path.abspath(args.dataset_dir), args.shard_rows), sparse=True)
+    stream = ShardStream(dataset, device, args.shard_interval)
+    first = stream.first(0)
+    method, batch, steps = args.methods[0], SIZES[args.size]["batch"], 2 * args.shard_interval  # 2 swaps per turn
+
+    def trainer(shards):
+        return OfflineTrainer.for_env(method, SHARD_ENV, ChunkReplayBuffer.from_arrays(first, device),
+                                      size_overrides(args.size), batch_size=batch, shards=shards)
+
+    loops, stalls = {"swapping": trainer(stream), "fixed": trainer(None)}, []
+    for loop in loops.values():
+        loop.train(WARMUP_STEPS)
+
+    def timed(name):
+        def run() -> float:
+            synchronize(device)
+            start = time.perf_counter()
+            metrics = loops[name].train(steps)
+            elapsed = time.perf_counter() - start
+            if name == "swapping":
+                stalls.append(metrics["data/shard_swap_stall_s"] / 2)
+            return elapsed
+        return run, lambda: None
+
+    times = time_in_turns({name: timed(name) for name in loops}, args.repeats)
+    stream.close()
+    swapping, fixed = (rates(steps, statistics.median(times[name])) for name in ("swapping", "fixed"))
+    record = {"name": "shard_swap", "method": method, **swapping, "updates_per_s_without_swapping":
+              fixed["updates_per_s"], "ratio_to_no_swapping": swapping["updates_per_s"] / fixed["updates_per_s"],
+              "stall_s_per_swap_median": statistics.median(stalls), "stall_s_per_swap_all": [round(s, 5) for s in stalls],
+              "shard_rows": args.shard_rows, "shards": SHARD_COUNT, "interval": args.shard_interval, "steps": steps,
+              "repeats": args.repeats, **common, "dataset": f"{SHARD_ENV} shards (one generated episode, tiled)"}
+    print(f"shard_swap {method} {args.size} {device.type}: {swapping['updates_per_s']:.2f} updates/s swapping a "
+          f"{args.shard_rows:,}-row shard every {args.shard_interval} steps vs {fixed['updates_per_s']:.2f} without "
+          f"(ratio {record['ratio_to_no_swapping']:.3f}); stall per swap {record['stall_s_per_swap_median'] * 1e3:.1f} ms")
+    return [record]
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -317,6 +391,9 @@ def parse_args(argv=None):
                    "one warm-up, interleaved; median kept")
     p.add_argument("--fragment", type=int, default=10, help="online: chunks per EnvRunner and iteration")
     p.add_argument("--utd", type=float, default=1.0, help="online: gradient steps per env step")
+    p.add_argument("--shard-swap", action="store_true", help="time 100M shard swapping against no swapping instead")
+    p.add_argument("--shard-rows", type=int, default=100_100, help="shard-swap: rows per shard (whole episodes)")
+    p.add_argument("--shard-interval", type=int, default=1000, help="shard-swap: gradient steps per shard")
     p.add_argument("--dataset-dir", default="data/bench", help="where the small generated benchmark dataset lives")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or all)")
@@ -328,19 +405,22 @@ def main(argv=None) -> int:
     p, args = parse_args(argv)
     if args.plain_only:
         args.only = ["plain"]
-    if args.plain_only and args.online:
-        p.error("--plain-only times updates without Ray; --online needs Ray's EnvRunners")
+    if args.plain_only and (args.online or args.shard_swap):
+        p.error("--plain-only times updates with torch and numpy only; --online needs Ray, --shard-swap ogbench")
     if args.threads or os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(args.threads or int(os.environ["OMP_NUM_THREADS"]))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    uses_data = args.online or any(name in RAY_BENCHMARKS for name in args.only)
     common = {"size": args.size, "device": device.type, "batch_size": SIZES[args.size]["batch"],
-              "dataset": BENCH_ENV + (" (generated; plain: synthetic)" if uses_data else " shapes (synthetic)"),
-              "git_commit": git_commit(os.path.dirname(os.path.abspath(__file__))), "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              **machine_info(device)}
-    dataset_dir = ensure_dataset(os.path.abspath(args.dataset_dir)) if uses_data else None
-    records = (online_benchmarks if args.online else update_benchmarks)(args, device, dataset_dir, common)
+              "git_commit": git_commit(os.path.dirname(os.path.abspath(__file__))),
+              "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **machine_info(device)}
+    if args.shard_swap:
+        records = shard_benchmark(args, device, common)
+    else:
+        uses_data = args.online or any(name in RAY_BENCHMARKS for name in args.only)
+        common["dataset"] = BENCH_ENV + (" (generated; plain: synthetic)" if uses_data else " shapes (synthetic)")
+        dataset_dir = ensure_dataset(os.path.abspath(args.dataset_dir)) if uses_data else None
+        records = (online_benchmarks if args.online else update_benchmarks)(args, device, dataset_dir, common)
     if args.json:
         write_records(args.json, records)
     return 0

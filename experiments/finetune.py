@@ -82,6 +82,7 @@ def sweep_argv(args, passthrough: list[str]) -> list[str]:
                  "--eval-episodes", str(spec["eval_episodes"]), "--batch-size", str(spec["batch_size"])]
         if spec["dataset_dir"]:
             argv += ["--dataset-dir", spec["dataset_dir"]]
+        argv += ["--dataset-size", spec.get("dataset_size", "1M")]
         for key, value in spec["overrides"].items():
             argv += ["--set", f"{spec['method']}.{key}={value!r}"]
         name = f"finetune-{args.mlflow_run[:8]}"

@@ -33,7 +33,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo; also silences GLFW
 
 from qam_ray.agents import METHOD_NAMES
 from qam_ray.domains import DOMAIN_NAMES
-from qam_ray.orchestration.presets import PRESET_FLAGS, PRESETS, resolve, warn_about_100m_domains
+from qam_ray.orchestration.presets import DATASET_SIZE_CHOICES, PRESET_FLAGS, PRESETS, off_protocol_domains, resolve
 from qam_ray.orchestration.sweep import SweepOptions, dry_run_summary, preflight_errors, run_sweep
 
 
@@ -65,7 +65,14 @@ def parse_args(argv=None):
                         "(one trial only)")
     online.add_argument("--continue-run", help="MLflow run id the trial continues instead of a new child run "
                         "(one trial only)")
-    p.add_argument("--dataset-dir", help="OGBench dataset folder (default: the preset's, else OGBench's download dir)")
+    p.add_argument("--dataset-dir", help="OGBench dataset folder (default: the preset's, else OGBench's download "
+                   "dir): <domain>-v0.npz and -val.npz per domain; 100M datasets as folders <domain>-100m-v0/ of "
+                   "shards (*.npz, trained in sorted order; *-val.npz skipped)")
+    p.add_argument("--dataset-size", choices=DATASET_SIZE_CHOICES,
+                   help="1M: the standard files; paper: 100M shards for cube-quadruple and puzzle-4x4 as the paper "
+                        "trains them (the paper presets' default); 100M: shards for every domain")
+    p.add_argument("--dataset-url", help="download missing standard files from this mirror of OGBench's host "
+                   "(default: $QAM_RAY_DATASET_URL, else the official host)")
     p.add_argument("--generate", action="store_true", help="generate the preset's dataset into --dataset-dir if it "
                    "is missing (without this flag only the preset's own folder is generated into)")
     p.add_argument("--cpus-per-trial", type=float, default=1)
@@ -91,7 +98,10 @@ def main(argv=None) -> int:
     if errors:
         parser.error("\n  " + "\n  ".join(errors))
     name = args.name or f"qam-{args.preset}"
-    warn_about_100m_domains(preset)
+    off_protocol = off_protocol_domains(preset)
+    if off_protocol:
+        print(f"note: {', '.join(off_protocol)} train on their standard 1M files; the paper trains them on 100M "
+              "shards (--dataset-size paper), so the results table marks these cells.", file=sys.stderr)
     if args.dry_run:
         print(dry_run_summary(preset, specs, name, verbose=args.verbose))
         return 0

@@ -35,7 +35,12 @@ from qam_ray.orchestration.presets import method_overrides, override_errors, par
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env", required=True, help="singletask name, e.g. cube-double-play-singletask-task2-v0")
-    p.add_argument("--dataset-dir", default=None, help="folder with <dataset>.npz files (default: OGBench's download dir)")
+    p.add_argument("--dataset-dir", default=None, help="folder with <dataset>.npz files (default: OGBench's download "
+                   "dir); 100M datasets as folders <domain>-100m-v0/ of shards")
+    p.add_argument("--dataset-size", choices=("1M", "100M", "paper"), default="1M",
+                   help="1M: the standard file; 100M: the domain's shard folder; paper: what the paper trains on")
+    p.add_argument("--dataset-url", default=None, help="mirror of OGBench's host for missing standard files "
+                   "(default: $QAM_RAY_DATASET_URL, else the official host)")
     p.add_argument("--methods", nargs="+", default=["QAM"], choices=METHOD_NAMES, metavar="METHOD",
                    help=f"paper labels, trained one after another: {', '.join(METHOD_NAMES)}")
     p.add_argument("--steps", type=int, default=1_000_000, help="offline gradient steps")
@@ -74,8 +79,8 @@ def build_config(args, method: str):
 
     name = parse_singletask_name(args.env)
     return build_agent_config(
-        method, name.domain_name, name.task, dataset_dir=args.dataset_dir,
-        overrides=method_overrides(args.overrides, method),
+        method, name.domain_name, name.task, dataset_dir=args.dataset_dir, dataset_size=args.dataset_size,
+        dataset_url=args.dataset_url, overrides=method_overrides(args.overrides, method),
         steps_per_iteration=args.log_every, batch_size=args.batch_size,
         # An interval is always set so the evaluation EnvRunners exist; eval_every=0 evaluates at the end.
         eval_interval=max(1, (args.eval_every or args.steps) // args.log_every), eval_episodes=args.eval_episodes,

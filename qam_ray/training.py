@@ -23,12 +23,33 @@ class NonFiniteLossError(FloatingPointError):
 
 def run_updates(agent: Agent, optimizers: dict[str, torch.optim.Optimizer], buffer: ChunkReplayBuffer,
                 generator: torch.Generator, num_steps: int, batch_size: int, first_step: int = 0,
-                on_raw_gradients: Callable[[], None] | None = None) -> dict[str, float]:
+                on_raw_gradients: Callable[[], None] | None = None, shards=None) -> dict[str, float]:
     """``num_steps`` updates on chunks sampled on the buffer's device; returns each metric's mean over them.
 
     Metrics stay on the device until the end (one host sync per call).  A NaN/inf metric raises
     NonFiniteLossError naming the metrics and the gradient steps [first_step, first_step + num_steps).
+    ``shards`` (a ``qam_ray.data.shards.ShardStream``) swaps the next 100M shard into the buffer at each of its
+    boundaries; the seconds the swaps held training up are added as ``data/shard_swap_stall_s``.
     """
+    if shards is None:
+        return _updates(agent, optimizers, buffer, generator, num_steps, batch_size, first_step, on_raw_gradients)
+    totals, done, stall = {}, 0, 0.0
+    while done < num_steps:
+        step = first_step + done
+        count = min(num_steps - done, shards.steps_to_swap(step))
+        for key, mean in _updates(agent, optimizers, buffer, generator, count, batch_size, step,
+                                  on_raw_gradients).items():
+            totals[key] = totals.get(key, 0.0) + mean * count
+        done += count
+        if (first_step + done) % shards.interval == 0:
+            stall += shards.swap(buffer, first_step + done)
+    return {**{key: total / num_steps for key, total in totals.items()}, "data/shard_swap_stall_s": stall,
+            "data/shard": float(shards.shard_at(first_step + num_steps))}
+
+
+def _updates(agent: Agent, optimizers: dict[str, torch.optim.Optimizer], buffer: ChunkReplayBuffer,
+             generator: torch.Generator, num_steps: int, batch_size: int, first_step: int,
+             on_raw_gradients: Callable[[], None] | None) -> dict[str, float]:
     hp = agent.hp
     specs = agent.draw_specs(batch_size)
     sums: dict[str, torch.Tensor] = {}
@@ -53,8 +74,8 @@ class OfflineTrainer:
     """An agent + its optimisers + a buffer + one device-side random generator, seeded once."""
 
     def __init__(self, method: str, hp: AgentHyperparams, buffer: ChunkReplayBuffer, batch_size: int = 256,
-                 seed: int = 0):
-        self.method, self.hp, self.buffer, self.batch_size = method, hp, buffer, batch_size
+                 seed: int = 0, shards=None):
+        self.method, self.hp, self.buffer, self.batch_size, self.shards = method, hp, buffer, batch_size, shards
         torch.manual_seed(seed)  # network initialisation
         self.agent = agent_class(method)(hp).to(buffer.device)
         self.optimizers = self.agent.make_optimizers()
@@ -71,7 +92,7 @@ class OfflineTrainer:
     def train(self, num_steps: int) -> dict[str, float]:
         """``num_steps`` updates; returns each metric's mean over them (one host sync per call)."""
         means = run_updates(self.agent, self.optimizers, self.buffer, self.generator, num_steps, self.batch_size,
-                            first_step=self.step)
+                            first_step=self.step, shards=self.shards)
         self.step += num_steps
         return means
 

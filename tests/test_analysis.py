@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 
 from qam_ray.orchestration import analysis
@@ -74,3 +75,16 @@ def test_analyze_cli_writes_table_csv_and_curves(tracking_uri, tmp_path):
     assert (out / "learning_curves.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="no trial runs"):
         script.main(["--tracking-uri", tracking_uri, "--sweep", "missing", "--out", str(out)])
+
+
+def test_a_100m_domain_trained_on_its_1m_file_is_marked_and_on_shards_is_not():
+    rows = [{"run_id": f"{method}{seed}", "method": method, "domain": "puzzle-4x4-play", "task": 1, "seed": seed,
+             "dataset_source": "official", "dataset_size": size, "success": 40.0, "step": 1000}
+            for method, size in (("QAM", "100M"), ("FQL", "1M")) for seed in (0, 1)]
+    rows.append({**rows[0], "run_id": "c", "domain": "cube-double-play", "dataset_size": "1M"})  # a 1M paper domain
+    comparison = analysis.compare_with_published(analysis.paper_table(pd.DataFrame(rows)))
+    marked = comparison.set_index(["method", "domain"])["small_data"]
+    assert marked.to_dict() == {("FQL", "all"): True, ("FQL", "puzzle-4x4-play"): True, ("QAM", "all"): False,
+                                ("QAM", "cube-double-play"): False, ("QAM", "puzzle-4x4-play"): False}
+    markdown = analysis.format_markdown(comparison)
+    assert markdown.count("[1M data; paper: 100M]") == 2  # FQL's cell and FQL's aggregate

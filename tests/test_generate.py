@@ -102,8 +102,10 @@ def test_output_does_not_depend_on_worker_count(generated, tmp_path):
 
 
 def test_unsupported_names_raise_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match=r'cube-single.*expert'):
+    with pytest.raises(ValueError, match=r"type 'play' for antmaze-large; supported: navigate"):
         generate_dataset('antmaze-large', 'play', 1, 0, tmp_path)
+    with pytest.raises(ValueError, match=r'antsoccer, pointmaze'):
+        generate_dataset('pointmaze-large', 'navigate', 1, 0, tmp_path)
     with pytest.raises(ValueError, match=r'play, noisy'):
         generate_dataset('cube-single', 'navigate', 1, 0, tmp_path)
     assert not any(tmp_path.iterdir())

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 import urllib.error
 import urllib.request
@@ -13,6 +14,7 @@ import pytest
 
 from qam_ray.data.ogbench_data import (
     ACTION_CLIP_EPS,
+    DATASET_URL_ENV,
     TRANSITION_KEYS,
     DatasetError,
     DatasetUnavailableError,
@@ -202,19 +204,22 @@ def test_files_of_another_env_and_truncated_files_are_rejected(tmp_path, cube_ar
         load_offline_dataset('cube-single-play-singletask-task1-v0', dataset_dir=tmp_path / 'rows')
 
 
-def test_unreachable_download_says_how_to_get_data(tmp_path, no_network):
+def test_unreachable_download_says_how_to_get_data(tmp_path, no_network, monkeypatch):
+    monkeypatch.delenv(DATASET_URL_ENV, raising=False)
     with pytest.raises(DatasetUnavailableError) as error:
         load_offline_dataset('cube-double-play-singletask-task2-v0', dataset_dir=tmp_path / 'empty')
     message = str(error.value)
     assert no_network == ['https://rail.eecs.berkeley.edu/datasets/ogbench/cube-double-play-v0.npz']
-    assert 'downloading it failed' in message and 'Name or service not known' in message
+    assert 'downloading it from https://rail.eecs.berkeley.edu/datasets/ogbench failed' in message
+    assert 'Name or service not known' in message
+    assert f'--dataset-url URL or {DATASET_URL_ENV}=URL' in message  # the way round a host that is down
     assert '--dataset-dir DIR' in message
     assert 'python experiments/generate_data.py --env cube-double --type play --episodes 100 --seed 0 --out DIR' in message
 
-    # Locomotion data cannot be generated offline, so the message only offers --dataset-dir.
+    # Locomotion data can be generated too, and the message says it is a random walk, not expert data.
     with pytest.raises(DatasetUnavailableError, match='--dataset-dir DIR') as error:
         load_offline_dataset('antmaze-large-navigate-singletask-task1-v0', dataset_dir=tmp_path / 'empty')
-    assert '--env' not in str(error.value)
+    assert '--env antmaze-large --type navigate' in str(error.value) and 'random walk' in str(error.value)
 
 
 def test_bad_names_list_the_expected_form(tmp_path):
@@ -222,3 +227,51 @@ def test_bad_names_list_the_expected_form(tmp_path):
         load_offline_dataset('cube-double-play-v0', dataset_dir=tmp_path)
     with pytest.raises(DatasetError, match="no env 'cube-sextuple-singletask-task1-v0'"):
         load_offline_dataset('cube-sextuple-play-singletask-task1-v0', dataset_dir=tmp_path)
+
+
+@pytest.fixture
+def mirror(tiny_dataset_dir, tmp_path_factory):
+    """A loopback HTTP server serving the generated cube-single files, as a mirror of OGBench's host would; it
+    records the paths asked for."""
+    import functools
+    import http.server
+    import threading
+
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # quiet; the paths are kept instead
+            requests.append(self.path)
+
+    root = tmp_path_factory.mktemp('mirror')
+    os.symlink(tiny_dataset_dir, root / 'ogbench')  # served under /ogbench/, like the official host's path
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f'http://127.0.0.1:{server.server_address[1]}/ogbench', requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_missing_files_come_from_a_mirror_given_by_flag_or_environment(mirror, tiny_dataset_dir, tmp_path,
+                                                                      monkeypatch):
+    url, requests = mirror
+    env = 'cube-single-play-singletask-task2-v0'
+    data = load_offline_dataset(env, dataset_dir=tmp_path / 'flag', url=url)
+    for name in ('cube-single-play-v0.npz', 'cube-single-play-v0-val.npz'):  # byte for byte what it serves
+        assert (tmp_path / 'flag' / name).read_bytes() == open(f'{tiny_dataset_dir}/{name}', 'rb').read()
+    assert len(data.train['rewards']) > 0 and data.source == 'official'  # a mirror serves no manifest
+    assert requests == ['/ogbench/cube-single-play-v0.npz', '/ogbench/cube-single-play-v0-val.npz']
+
+    monkeypatch.setenv(DATASET_URL_ENV, url)
+    load_offline_dataset(env, dataset_dir=tmp_path / 'environment')
+    assert (tmp_path / 'environment' / 'cube-single-play-v0.npz').exists()
+
+    import ogbench.utils  # the official host is restored after each download
+    assert ogbench.utils.DATASET_URL == 'https://rail.eecs.berkeley.edu/datasets/ogbench'
+
+    with pytest.raises(DatasetUnavailableError) as error:  # a mirror without the file names itself
+        load_offline_dataset('cube-double-play-singletask-task2-v0', dataset_dir=tmp_path / 'absent', url=url)
+    assert f'The mirror {url}' in str(error.value) and 'cube-double-play-v0.npz' in str(error.value)

@@ -424,6 +424,7 @@ def generate_dataset(
     episode_length: int | None = None,
     workers: int = 1,
     progress: bool = True,
+    file_stem: str | None = None,
 ) -> dict:
     """Generate ``<env>-<dataset_type>-v0.npz`` (train) and ``...-v0-val.npz`` in ``out_dir``, plus a manifest.
 
@@ -437,6 +438,7 @@ def generate_dataset(
         workers: Number of processes; 1 runs in the calling process. Workers are spawned, so a calling script
             needs the usual ``if __name__ == '__main__':`` guard.
         progress: Show a tqdm progress bar over episodes.
+        file_stem: The files' stem (default ``<env>-<dataset_type>-v0``; shards have their own, see generate_shards).
 
     Returns:
         dict with ``train_path``, ``val_path``, ``manifest_path`` (str) and the stats ``episodes``, ``val_episodes``,
@@ -452,7 +454,7 @@ def generate_dataset(
     jobs = [_episode_seeds(seed, 'train', i) for i in range(episodes)]
     jobs += [_episode_seeds(seed, 'val', i) for i in range(val_episodes)]
 
-    stem = dataset_name(env, dataset_type)
+    stem = file_stem or dataset_name(env, dataset_type)
     start = time.perf_counter()
     with tqdm(total=len(jobs), desc=stem, unit='ep', disable=not progress) as progress_bar:
         if workers == 1:
@@ -482,6 +484,21 @@ def generate_dataset(
         'seconds': seconds,
         'episodes_per_second': len(jobs) / seconds,
     }
+
+
+def generate_shards(env: str, dataset_type: str, shards: int, episodes: int, seed: int, out_dir,
+                    episode_length: int | None = None, workers: int = 1, progress: bool = True) -> dict:
+    """A 100M-style shard folder ``<out_dir>/<env>-<dataset_type>-100m-v0/`` of ``shards`` generated datasets in
+    the official layout (``qam_ray.data.shards``): shard k is ``<env>-<dataset_type>-v0-<k:03d>.npz`` (with its
+    ``-val.npz`` and manifest), ``episodes`` episodes drawn with seed ``seed + k``.  Returns the folder and the
+    per-shard results of ``generate_dataset``."""
+    if not isinstance(shards, int) or shards < 1:
+        raise ValueError(f'shards={shards!r}: must be an integer >= 1')
+    stem = dataset_name(env, dataset_type)
+    folder = Path(out_dir).expanduser() / (stem.removesuffix('-v0') + '-100m-v0')
+    results = [generate_dataset(env, dataset_type, episodes, seed + k, folder, episode_length, workers, progress,
+                                file_stem=f'{stem}-{k:03d}') for k in range(shards)]
+    return {'folder': str(folder), 'shards': results}
 
 
 def read_manifest(dataset_dir, dataset_file_stem: str) -> dict | None:

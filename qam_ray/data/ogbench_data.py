@@ -9,6 +9,7 @@ of dataset actions to ±(1 - 1e-5).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import gymnasium
 import numpy as np
 import ogbench
+import ogbench.utils
 from ogbench.utils import DEFAULT_DATASET_DIR
 
 from qam_ray.data.generate import read_manifest
@@ -27,6 +29,9 @@ from qam_ray.domains import MANIPULATION_FAMILIES, SINGLETASK_FORM, SingletaskNa
 
 # The reference clips dataset actions to [-1 + eps, 1 - eps] (env_utils.py:138-146); the 100M shards are not clipped.
 ACTION_CLIP_EPS = 1e-5
+# Where ogbench downloads from (its module constant, read at every download), and how a user points it elsewhere.
+OFFICIAL_DATASET_URL = ogbench.utils.DATASET_URL
+DATASET_URL_ENV = 'QAM_RAY_DATASET_URL'
 # Families whose singletask reward also needs the button states next to qpos (ogbench/relabel_utils.py).
 _BUTTON_FAMILIES = ('scene', 'puzzle')
 
@@ -61,8 +66,23 @@ class OfflineDataset:
         return self.train['actions'].shape[1]
 
 
+def dataset_url(url: str | None = None) -> str:
+    """The base URL dataset files are fetched from: ``url``, else $QAM_RAY_DATASET_URL, else OGBench's host."""
+    return (url or os.environ.get(DATASET_URL_ENV) or OFFICIAL_DATASET_URL).rstrip('/')
+
+
+@contextlib.contextmanager
+def _download_base(url: str):
+    """ogbench's downloader with another base URL (a mirror holding the same file names)."""
+    official, ogbench.utils.DATASET_URL = ogbench.utils.DATASET_URL, url
+    try:
+        yield
+    finally:
+        ogbench.utils.DATASET_URL = official
+
+
 def load_offline_dataset(env_name: str, dataset_dir: str | os.PathLike | None = None, sparse: bool = False,
-                         clip_actions: bool = True) -> OfflineDataset:
+                         clip_actions: bool = True, url: str | None = None) -> OfflineDataset:
     """Load ``<env>-<type>-singletask-task<k>-v0`` from ``dataset_dir`` (default ``~/.ogbench/data``).
 
     Missing files are downloaded by ogbench, as in the reference. Files already in ``dataset_dir`` (official or
@@ -71,13 +91,14 @@ def load_offline_dataset(env_name: str, dataset_dir: str | os.PathLike | None = 
     Args:
         sparse: replace the reward by -1[r != 0] (-1 until full success), as the paper does for scene and puzzle.
         clip_actions: clip dataset actions to ±(1 - 1e-5) like the reference; off for unclipped 100M shards.
+        url: base URL to download missing files from (a mirror of OGBench's host; see ``dataset_url``).
     """
     name = _parse_name(env_name)
     dataset_dir = os.path.abspath(os.path.expanduser(dataset_dir if dataset_dir is not None else DEFAULT_DATASET_DIR))
     train_path = os.path.join(dataset_dir, f'{name.dataset_name}.npz')
     val_path = os.path.join(dataset_dir, f'{name.dataset_name}-val.npz')
 
-    _download_missing(name, dataset_dir)
+    _download_missing(name, dataset_dir, dataset_url(url))
     for path in (train_path, val_path):
         _check_raw_file(path, name)
 
@@ -126,22 +147,24 @@ def check_dataset_files(env_name: str, dataset_dir: str | os.PathLike) -> str:
     return 'official' if _checked_manifest(dataset_dir, name, paths) is None else 'generated'
 
 
-def _checked_manifest(dataset_dir: str, name: SingletaskName, paths: list[str]) -> dict | None:
-    """The manifest of a generated dataset, checked against its files; None for official data (it has none)."""
+def _checked_manifest(dataset_dir: str, name: SingletaskName, paths: list[str], stem: str | None = None) -> dict | None:
+    """The manifest of a generated dataset (file stem ``stem``, default the dataset's), checked against its files;
+    None for official data (it has none)."""
+    stem = stem or name.dataset_name
     try:
-        manifest = read_manifest(dataset_dir, name.dataset_name)
+        manifest = read_manifest(dataset_dir, stem)
     except json.JSONDecodeError as error:
-        raise DatasetError(f'the manifest of {name.dataset_name} in {dataset_dir} is not valid JSON ({error}); '
+        raise DatasetError(f'the manifest of {stem} in {dataset_dir} is not valid JSON ({error}); '
                            'regenerate the dataset.') from None
     if manifest is not None:
-        _check_manifest(manifest, name, paths)
+        _check_manifest(manifest, name, paths, stem)
     return manifest
 
 
-def _check_manifest(manifest: dict, name: SingletaskName, paths: list[str]) -> None:
+def _check_manifest(manifest: dict, name: SingletaskName, paths: list[str], stem: str) -> None:
     """A generated dataset's manifest must describe the files beside it: env, type, rows and checksums."""
     fix = 'regenerate the dataset (experiments/generate_data.py), or remove the manifest of an official file.'
-    where = os.path.join(os.path.dirname(paths[0]), f'{name.dataset_name}.manifest.json')
+    where = os.path.join(os.path.dirname(paths[0]), f'{stem}.manifest.json')
     if (manifest.get('env'), manifest.get('dataset_type')) != (name.env_prefix, name.dataset_type):
         raise DatasetError(f'{where} describes {manifest.get("env")}-{manifest.get("dataset_type")}, not '
                            f'{name.domain_name}; {fix}')
@@ -174,28 +197,29 @@ def _parse_name(env_name: str) -> SingletaskName:
 
 
 def _how_to_get_data(name: SingletaskName) -> str:
-    if name.family in MANIPULATION_FAMILIES:
-        return (
-            f'Either put the official {name.dataset_name}.npz and {name.dataset_name}-val.npz into a directory DIR and '
-            f'pass --dataset-dir DIR, or generate a dataset offline with `python experiments/generate_data.py '
-            f'--env {name.env_prefix} --type {name.dataset_type} --episodes 100 --seed 0 --out DIR` and pass '
-            '--dataset-dir DIR.'
-        )
-    # Locomotion data needs OGBench's SAC expert checkpoints, which are a download as well.
+    behaviour = '' if name.family in MANIPULATION_FAMILIES else (
+        ' (generated locomotion data is a random walk, not OGBench\'s expert data: for tests and pipelines only)')
     return (
-        f'Put the official {name.dataset_name}.npz and {name.dataset_name}-val.npz into a directory DIR and pass '
-        f'--dataset-dir DIR (experiments/generate_data.py only generates cube, scene and puzzle datasets).'
+        f'Either put the official {name.dataset_name}.npz and {name.dataset_name}-val.npz into a directory DIR and '
+        f'pass --dataset-dir DIR, or generate a dataset offline with `python experiments/generate_data.py '
+        f'--env {name.env_prefix} --type {name.dataset_type} --episodes 100 --seed 0 --out DIR` and pass '
+        f'--dataset-dir DIR{behaviour}.'
     )
 
 
-def _download_missing(name: SingletaskName, dataset_dir: str) -> None:
-    """Let ogbench fetch whichever of the two files is missing (it skips files that exist)."""
+def _download_missing(name: SingletaskName, dataset_dir: str, url: str) -> None:
+    """Let ogbench fetch whichever of the two files is missing from ``url`` (it skips files that exist)."""
     try:
-        ogbench.download_datasets([name.dataset_name], dataset_dir)
+        with _download_base(url):
+            ogbench.download_datasets([name.dataset_name], dataset_dir)
     except (OSError, http.client.HTTPException) as error:  # URLError and socket errors are OSErrors
+        mirror = (f'If the host is down, fetch from a mirror that holds the same files: --dataset-url URL or '
+                  f'{DATASET_URL_ENV}=URL (now {url}). ') if url == OFFICIAL_DATASET_URL else (
+                  f'The mirror {url} (--dataset-url / {DATASET_URL_ENV}) failed; check it serves '
+                  f'{url}/{name.dataset_name}.npz. ')
         raise DatasetUnavailableError(
-            f'Dataset {name.dataset_name} is not in {dataset_dir} and downloading it failed ({error!r}). '
-            + _how_to_get_data(name)
+            f'Dataset {name.dataset_name} is not in {dataset_dir} and downloading it from {url} failed ({error!r}). '
+            + mirror + _how_to_get_data(name)
         ) from error
 
 
@@ -261,6 +285,16 @@ def _check_raw_file(path: str, name: SingletaskName) -> None:
     if not terminals[-1]:
         # ogbench pairs each row with the next one; an unterminated last episode would misalign the arrays.
         raise DatasetError(f'{path} looks truncated: the last row is not an episode end (\'terminals\'). {fix}')
+
+
+def load_relabelled_file(path: str, name: SingletaskName, env) -> dict:
+    """One dataset file with ``env``'s singletask rewards and masks, as ``make_env_and_datasets`` computes them
+    (ogbench's own loader and relabelling), without the physical-state keys."""
+    from ogbench.relabel_utils import relabel_dataset
+
+    data = ogbench.utils.load_dataset(path, add_info=True)
+    relabel_dataset(name.env_id, env, data)
+    return {key: data[key] for key in TRANSITION_KEYS}
 
 
 def _check_loaded(data: dict, path: str, name: SingletaskName, obs_dim: int, action_dim: int) -> None:

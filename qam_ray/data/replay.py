@@ -88,6 +88,15 @@ class ChunkReplayBuffer:
             self._storage[key][self._size : self._size + count] = block
         self._size += count
 
+    def overwrite_prefix(self, **transitions: torch.Tensor | np.ndarray) -> None:
+        """Replace rows [0, n) with a block of n transitions (a 100M shard swapped in); rows after them stay."""
+        blocks = _as_block(transitions, self.device)
+        count = blocks['observations'].shape[0]
+        if count > self._size:
+            raise ValueError(f'cannot overwrite the first {count} rows of a buffer holding {self._size}.')
+        for key, block in blocks.items():
+            self._storage[key][:count].copy_(block, non_blocking=True)
+
     def rows(self, start: int) -> dict[str, np.ndarray]:
         """Rows [start, size) as host arrays (e.g. the online part, for a checkpoint)."""
         return {key: tensor[start:self._size].cpu().numpy() for key, tensor in self._storage.items()}

@@ -32,7 +32,8 @@ def published_results(stage: str = "offline_1M") -> pd.DataFrame:
 
 
 def load_runs(experiment_names: list[str], tracking_uri: str | None = None, sweep: str | None = None) -> pd.DataFrame:
-    """One row per trial run: method, domain, task, seed, dataset_source, final success (%) and its step."""
+    """One row per trial run: method, domain, task, seed, dataset_source, dataset_size (1M / 100M), final
+    success (%) and its step."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -44,7 +45,8 @@ def load_runs(experiment_names: list[str], tracking_uri: str | None = None, swee
     runs = mlflow.search_runs(experiment_names=experiment_names, filter_string=" and ".join(filters))
     column = f"metrics.{SUCCESS_METRIC}"
     if runs.empty or column not in runs:
-        return pd.DataFrame(columns=["run_id", "method", "domain", "task", "seed", "dataset_source", "success", "step"])
+        return pd.DataFrame(columns=["run_id", "method", "domain", "task", "seed", "dataset_source", "dataset_size",
+                                     "success", "step"])
     runs = runs.dropna(subset=[column])
     client = MlflowClient()
     steps = [max(m.step for m in client.get_metric_history(run_id, SUCCESS_METRIC)) for run_id in runs["run_id"]]
@@ -55,6 +57,8 @@ def load_runs(experiment_names: list[str], tracking_uri: str | None = None, swee
         "task": runs["tags.task"].astype(int).to_numpy(),
         "seed": runs["tags.seed"].astype(int).to_numpy(),
         "dataset_source": runs["tags.dataset_source"].to_numpy(),
+        # Runs from before 100M support trained on the standard files.
+        "dataset_size": (runs["tags.dataset_size"].fillna("1M") if "tags.dataset_size" in runs else "1M"),
         "success": 100.0 * runs[column].to_numpy(),
         "step": steps,
     })
@@ -63,20 +67,31 @@ def load_runs(experiment_names: list[str], tracking_uri: str | None = None, swee
 def paper_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per (method, domain) and the aggregate: mean and std over seeds, seeds, tasks, the smallest step and, for
     the aggregate, how many domains it covers (the paper's covers 10)."""
+    runs = runs.assign(small_data=[size != "100M" and paper_dataset_size(domain) == "100M"
+                                   for domain, size in zip(runs["domain"], runs["dataset_size"])])
     per_seed = (runs.groupby(["method", "domain", "seed"])
                 .agg(score=("success", "mean"), tasks=("task", "nunique"), step=("step", "min"),
-                     generated=("dataset_source", lambda s: bool((s == "generated").any())))
+                     generated=("dataset_source", lambda s: bool((s == "generated").any())),
+                     small_data=("small_data", "any"))
                 .reset_index())
     aggregate = (per_seed.groupby(["method", "seed"])
                  .agg(score=("score", "mean"), tasks=("tasks", "sum"), step=("step", "min"),
-                      generated=("generated", "any"), domains=("domain", "nunique"))
+                      generated=("generated", "any"), small_data=("small_data", "any"),
+                      domains=("domain", "nunique"))
                  .reset_index().assign(domain=AGGREGATE))
     both = pd.concat([per_seed, aggregate], ignore_index=True)
     return (both.groupby(["method", "domain"])
             .agg(mean=("score", "mean"), std=("score", lambda s: s.std(ddof=0)), seeds=("seed", "nunique"),
                  tasks=("tasks", "max"), step=("step", "min"), generated=("generated", "any"),
-                 domains=("domains", "max"))
+                 small_data=("small_data", "any"), domains=("domains", "max"))
             .reset_index())
+
+
+def paper_dataset_size(domain: str) -> str:
+    """'100M' for the domains the paper trains on 100M shards, else '1M' (also for non-paper domains)."""
+    from qam_ray.domains import DOMAIN_NAMES, get_domain
+
+    return get_domain(domain).dataset_size if domain in DOMAIN_NAMES else "1M"
 
 
 def compare_with_published(table: pd.DataFrame, stage: str = "offline_1M") -> pd.DataFrame:
@@ -94,6 +109,8 @@ def format_markdown(comparison: pd.DataFrame) -> str:
         ours = f"{row['mean']:.1f} ± {row['std']:.1f} ({row['seeds']} seeds, {row['step']:,} steps{scope})"
         if row["generated"]:
             ours += " [generated data]"
+        if row["small_data"]:  # not comparable: the paper trained this domain on 100M transitions
+            ours += " [1M data; paper: 100M]"
         paper = "not published" if pd.isna(row["paper_mean"]) else f"{row['paper_mean']:.1f} ± {row['paper_std']:.1f}"
         return f"{ours} / paper {paper}"
 

@@ -37,6 +37,10 @@ class Preset:
     overrides: dict = dataclasses.field(default_factory=dict)  # KEY or METHOD.KEY → value
     batch_size: int = 256
     dataset_dir: str | None = None
+    # "1M": every domain on its standard file; "paper": what the paper trains each domain on (the 100M shard
+    # folders for cube-quadruple and puzzle-4x4, qam_ray.data.shards); "100M": shard folders for every domain.
+    dataset_size: str = "1M"
+    dataset_url: str | None = None  # a mirror of OGBench's host for missing standard files
     generate: tuple[str, str, int] | None = None  # (env, type, episodes) to generate into dataset_dir if missing
     search: bool = False
     num_samples: int = 1
@@ -54,7 +58,8 @@ class Preset:
 
 PRESETS = {
     "paper": Preset(list(DOMAIN_NAMES), [1, 2, 3, 4, 5], PAPER_SEEDS, ["QAM"], steps=1_000_000,
-                    steps_per_iteration=1000, eval_every=50_000, eval_episodes=50, checkpoint_every=50),
+                    steps_per_iteration=1000, eval_every=50_000, eval_episodes=50, checkpoint_every=50,
+                    dataset_size="paper"),
     "search": Preset(["cube-double-play"], [2], [0], ["QAM"], steps=200_000, steps_per_iteration=1000,
                      eval_every=20_000, eval_episodes=25, checkpoint_every=20, search=True, num_samples=24,
                      max_concurrent=4),
@@ -74,7 +79,8 @@ PRESETS["smoke-online"] = dataclasses.replace(
 ONLINE_FIELDS = ("online_steps", "online_eval_every", "utd_ratio", "start_training", "env_runners",
                  "envs_per_env_runner", "rollout_fragment_length", "cpus_per_env_runner")
 PRESET_FLAGS = ("domains", "tasks", "seeds", "methods", "steps", "steps_per_iteration", "eval_every", "eval_episodes",
-                "batch_size", "num_samples", "max_concurrent", "dataset_dir", *ONLINE_FIELDS)
+                "batch_size", "num_samples", "max_concurrent", "dataset_dir", "dataset_size", "dataset_url",
+                *ONLINE_FIELDS)
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -132,6 +138,9 @@ def resolve(preset_name: str, flags: dict, gpus_per_trial: float = 0, cpus_per_t
         return preset, [], errors + [f"--methods {' '.join(unknown)}: known methods are {', '.join(METHOD_NAMES)}"]
     if len(set(preset.methods)) != len(preset.methods):
         errors.append(f"--methods {' '.join(preset.methods)}: each method once")
+    if preset.dataset_size not in DATASET_SIZE_CHOICES:
+        errors.append(f"--dataset-size {preset.dataset_size!r}: expected one of {', '.join(DATASET_SIZE_CHOICES)} "
+                      "(paper = 100M shards where the paper uses them)")
     if errors:  # the arithmetic below needs valid numbers
         return preset, [], errors
     if preset.eval_every % preset.steps_per_iteration or preset.steps % preset.eval_every:
@@ -157,7 +166,8 @@ def resolve(preset_name: str, flags: dict, gpus_per_trial: float = 0, cpus_per_t
         preset.dataset_dir = os.path.abspath(preset.dataset_dir)
     specs = [
         {"method": m, "agent": agent_class(m).name, "domain": d, "task": t, "seed": s,
-         "dataset_dir": preset.dataset_dir, "steps": preset.steps, "steps_per_iteration": preset.steps_per_iteration,
+         "dataset_dir": preset.dataset_dir, "dataset_size": domain_dataset_size(preset, d),
+         "dataset_url": preset.dataset_url, "steps": preset.steps, "steps_per_iteration": preset.steps_per_iteration,
          "eval_every": preset.eval_every, "eval_episodes": preset.eval_episodes,
          "checkpoint_every": preset.checkpoint_every, "batch_size": preset.batch_size,
          "overrides": method_overrides(preset.overrides, m), "gpus": gpus_per_trial,
@@ -216,19 +226,42 @@ def online_errors(preset: Preset, offline_checkpoint: str | None, continue_run: 
     return errors
 
 
+DATASET_SIZE_CHOICES = ("1M", "paper", "100M")
+
+
+def domain_dataset_size(preset: Preset, domain: str) -> str:
+    """'1M' or '100M': the dataset ``domain`` trains on under the preset's ``dataset_size``."""
+    if preset.dataset_size == "paper":
+        return domain_of_env(f"{domain}-singletask-task1-v0").dataset_size
+    return preset.dataset_size
+
+
 def data_errors(preset: Preset, generate: bool) -> list[str]:
-    """Every dataset the sweep needs, validated on disk without loading it (``check_dataset_files``).
+    """Every dataset the sweep needs, validated on disk without loading it (``check_dataset_files``, and
+    ``open_shards`` for a 100M shard folder).
 
     A missing dataset is generated only when the preset asks for it *and* the folder is the preset's own (or
-    ``generate`` is set): a mistyped ``--dataset-dir`` must not fill a new folder silently.
+    ``generate`` is set): a mistyped ``--dataset-dir`` must not fill a new folder silently.  OGBench's own folder
+    (no ``--dataset-dir``) is left to the trials, which download missing standard files; shard folders cannot be
+    downloaded that way, so they are checked wherever they are expected.
     """
-    if preset.dataset_dir is None:
-        return []  # OGBench's own folder: the trial downloads what is missing
     from qam_ray.data.ogbench_data import DatasetError, check_dataset_files
 
     errors = []
     for domain in dict.fromkeys(domain_of_env(f"{d}-singletask-task1-v0").name for d in preset.domains):
         env_name = f"{domain}-singletask-task1-v0"
+        if domain_dataset_size(preset, domain) == "100M":
+            from ogbench.utils import DEFAULT_DATASET_DIR
+
+            from qam_ray.data.shards import open_shards
+
+            try:
+                open_shards(env_name, preset.dataset_dir or DEFAULT_DATASET_DIR)
+            except DatasetError as error:
+                errors.append(str(error))
+            continue
+        if preset.dataset_dir is None:
+            continue  # OGBench's own folder: the trial downloads what is missing
         path = os.path.join(preset.dataset_dir, f"{domain}-v0.npz")
         if not os.path.exists(path) and preset.generate is not None and generate:
             env, kind, episodes = preset.generate
@@ -251,10 +284,7 @@ def data_errors(preset: Preset, generate: bool) -> list[str]:
     return errors
 
 
-def warn_about_100m_domains(preset: Preset) -> None:
-    """The paper trains cube-quadruple and puzzle-4x4 on 100M-transition datasets; we have no loader for them yet."""
-    shards = [d for d in preset.domains if d in DOMAIN_NAMES and get_domain(d).dataset_size == "100M"]
-    if shards:
-        print(f"WARNING: the paper trains {', '.join(shards)} on their 100M-transition datasets; the 100M loader is "
-              "not implemented yet, so these trials use the standard dataset files and their results are not "
-              "comparable with the paper's for these domains.", file=sys.stderr)
+def off_protocol_domains(preset: Preset) -> list[str]:
+    """Paper domains the paper trains on 100M shards that this preset trains on the 1M file instead."""
+    return [d for d in dict.fromkeys(preset.domains) if d in DOMAIN_NAMES and get_domain(d).dataset_size == "100M"
+            and domain_dataset_size(preset, d) != "100M"]

@@ -112,7 +112,8 @@ def _algo_config(spec: dict, phase: str, offline_checkpoint: str | None):
     from qam_ray.rllib import build_agent_config
 
     config = build_agent_config(
-        spec["method"], spec["domain"], spec["task"], dataset_dir=spec["dataset_dir"], overrides=spec["overrides"],
+        spec["method"], spec["domain"], spec["task"], dataset_dir=spec["dataset_dir"],
+        dataset_size=spec.get("dataset_size", "1M"), dataset_url=spec.get("dataset_url"), overrides=spec["overrides"],
         steps_per_iteration=spec["steps_per_iteration"], batch_size=spec["batch_size"],
         eval_interval=spec["eval_every"] // spec["steps_per_iteration"], eval_episodes=spec["eval_episodes"],
         seed=spec["seed"], gpus_per_learner=spec["gpus"],
@@ -282,7 +283,7 @@ def _set_run_tags(spec: dict, run_id: str, dataset_info: dict) -> None:
     from qam_ray.orchestration.tracking import log_dataset_input
 
     tags = {"dataset_source": dataset_info["dataset_source"], "dataset_sha256": dataset_info["dataset_sha256"],
-            CHECKPOINT_DIR_TAG: _checkpoint_dir(spec)}
+            "dataset_size": dataset_info["dataset_size"], CHECKPOINT_DIR_TAG: _checkpoint_dir(spec)}
     MlflowClient(spec["tracking"]["uri"]).log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     log_dataset_input(spec["tracking"]["uri"], run_id, dataset_info)
 

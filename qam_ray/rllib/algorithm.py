@@ -38,6 +38,7 @@ from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EVALUATION_RESULTS, LEAR
 
 from qam_ray.agents import agent_class, registry_hyperparams
 from qam_ray.agents.base import field_names
+from qam_ray.data.shards import SHARD_INTERVAL
 from qam_ray.domains import domain_of_env
 from qam_ray.rllib.chunk_env import (ENV_ID, SuccessMetricsCallback, episode_means, episode_transitions,
                                      make_chunked_env)
@@ -45,6 +46,7 @@ from qam_ray.rllib.learner import AgentLearner
 from qam_ray.rllib.module import AgentRLModule
 
 ONLINE_RESULTS = "online"  # result key of the online phase's counters and timings
+DATASET_SIZES = ("1M", "100M", "paper")
 
 # Every algorithm here runs on RLlib's new API stack by design; its "you are running on the new API stack" notice
 # at each build is noise.
@@ -78,6 +80,9 @@ class AgentConfig(AlgorithmConfig):
         # Data and loop.
         self.env_name = None  # OGBench singletask name: dataset and evaluation env
         self.dataset_dir = None  # None = OGBench's download folder
+        self.dataset_size = "1M"  # or "100M": the domain's folder of shards (qam_ray.data.shards)
+        self.dataset_url = None  # a mirror of OGBench's host for missing files (None: $QAM_RAY_DATASET_URL / official)
+        self.dataset_replace_interval = SHARD_INTERVAL  # gradient steps per 100M shard (the reference's flag)
         self.sparse = False
         self.num_steps_per_iteration = 1000
         # Offline: no training EnvRunners (RAY_NOTES B3); the learner skips RLlib's per-parameter isfinite syncs.
@@ -117,9 +122,10 @@ class AgentConfig(AlgorithmConfig):
                     setattr(self, RLLIB_NAMES.get(name, name), getattr(defaults, name))
         self.method = method
 
-    def training(self, *, num_steps_per_iteration=NotProvided, **kwargs):
+    def training(self, *, num_steps_per_iteration=NotProvided, dataset_replace_interval=NotProvided, **kwargs):
         """The agent's hyperparameters by name (e.g. ``inv_temp=3.0`` for QAM, ``alpha=30.0`` for FQL),
-        ``num_steps_per_iteration`` (gradient steps per ``train()``), and every RLlib training option
+        ``num_steps_per_iteration`` (gradient steps per ``train()``), ``dataset_replace_interval`` (gradient steps
+        per shard of a 100M dataset, the reference's 1,000), and every RLlib training option
         (``gamma``, ``lr``, ``tau``, ``grad_clip``, ``train_batch_size_per_learner``, …)."""
         for name in (*self.agent_fields(), "tau"):  # RLlib's base training() has no `tau` (its SAC config does)
             if name in kwargs:
@@ -128,21 +134,32 @@ class AgentConfig(AlgorithmConfig):
                     self._set_environment()
         if num_steps_per_iteration is not NotProvided:
             self.num_steps_per_iteration = num_steps_per_iteration
+        if dataset_replace_interval is not NotProvided:
+            self.dataset_replace_interval = dataset_replace_interval
         return super().training(**kwargs)
 
-    def ogbench(self, domain: str, task: int = 1, method: str | None = None, dataset_dir: str | None = None):
+    def ogbench(self, domain: str, task: int = 1, method: str | None = None, dataset_dir: str | None = None,
+                dataset_size: str = "1M", dataset_url: str | None = None):
         """Fill env, data and the method's per-domain hyperparameters from the registries.
 
         ``domain`` is a paper domain such as ``cube-double-play`` or a generated one such as ``cube-single-play``;
-        ``method`` a paper label (default: this config's method).
+        ``method`` a paper label (default: this config's method).  ``dataset_size``: ``"1M"`` (the standard file),
+        ``"100M"`` (the domain's shard folder ``<domain>-100m-v0/`` under ``dataset_dir``) or ``"paper"`` (what
+        the paper trains this domain on: 100M for cube-quadruple and puzzle-4x4).  ``dataset_url``: a mirror
+        to download missing standard files from.
         """
         if task not in range(1, 6):
             raise ValueError(f"task={task!r}: expected 1..5")
+        if dataset_size not in DATASET_SIZES:
+            raise ValueError(f"dataset_size={dataset_size!r}: expected one of {', '.join(DATASET_SIZES)}")
         self._set_method(method or self.method)
         env_name = f"{domain}-singletask-task{task}-v0"
         for name, value in registry_hyperparams(self.method, env_name).items():
             setattr(self, RLLIB_NAMES.get(name, name), value)
-        self.env_name, self.dataset_dir, self.sparse = env_name, dataset_dir, domain_of_env(env_name).sparse
+        domain_facts = domain_of_env(env_name)
+        self.env_name, self.dataset_dir, self.sparse = env_name, dataset_dir, domain_facts.sparse
+        self.dataset_size = domain_facts.dataset_size if dataset_size == "paper" else dataset_size
+        self.dataset_url = dataset_url
         self._set_environment()
         return self
 
@@ -190,6 +207,9 @@ class AgentConfig(AlgorithmConfig):
         if self.env_name and self.env_config.get("horizon") != self.horizon_length:
             errors.append(f"horizon_length={self.horizon_length!r} but the env plays chunks of "
                           f"{self.env_config.get('horizon')}: set it with .training(horizon_length=...)")
+        if not (isinstance(self.dataset_replace_interval, int) and self.dataset_replace_interval >= 1):
+            errors.append(f"dataset_replace_interval={self.dataset_replace_interval!r}: must be an integer >= 1 "
+                          "(gradient steps per 100M shard)")
         if self._is_online:
             errors += _online_errors(self)
         # Dimensions are placeholders here: the spaces fix them when the module is built.
@@ -214,12 +234,14 @@ class AgentConfig(AlgorithmConfig):
 
 
 def build_agent_config(
-    method: str, domain: str, task: int, *, dataset_dir: str | None, overrides: dict | None = None,
+    method: str, domain: str, task: int, *, dataset_dir: str | None, dataset_size: str = "1M",
+    dataset_url: str | None = None, overrides: dict | None = None,
     steps_per_iteration: int = 1000, batch_size: int = 256, eval_interval: int = 50, eval_episodes: int = 50,
     eval_env_runners: int = 0, seed: int = 0, num_learners: int = 0, gpus_per_learner: float = 0,
 ) -> AgentConfig:
     """The config of one offline run: registry values, then ``overrides`` (hyperparameter names)."""
-    config = AgentConfig().ogbench(domain, task=task, method=method, dataset_dir=dataset_dir)
+    config = AgentConfig().ogbench(domain, task=task, method=method, dataset_dir=dataset_dir,
+                                   dataset_size=dataset_size, dataset_url=dataset_url)
     config.training(**{RLLIB_NAMES.get(key, key): value for key, value in (overrides or {}).items()})
     return (config.training(num_steps_per_iteration=steps_per_iteration, train_batch_size_per_learner=batch_size)
             .learners(num_learners=num_learners, num_gpus_per_learner=gpus_per_learner)
@@ -261,7 +283,8 @@ class AgentAlgorithm(Algorithm):
         cfg = self.config
         online_capacity = cfg.online_steps if cfg._is_online else 0
         results = self.learner_group.foreach_learner(
-            lambda learner: learner.load_dataset(cfg.env_name, cfg.dataset_dir, cfg.sparse, online_capacity)
+            lambda learner: learner.load_dataset(cfg.env_name, cfg.dataset_dir, cfg.sparse, online_capacity,
+                                                 cfg.dataset_size, cfg.dataset_url, cfg.dataset_replace_interval)
         )
         self.dataset_info = call_values(results)[0]  # every learner loads the same file
         self._evaluate_after_step = False

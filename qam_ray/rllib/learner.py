@@ -10,6 +10,8 @@ all-reduce per step before clipping (the module is not DDP-wrapped: the loss cal
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from ray.rllib.core import DEFAULT_MODULE_ID
@@ -30,6 +32,7 @@ class AgentLearner(TorchLearner):
             torch.set_num_threads(max(1, int(cpus)) if isinstance(cpus, (int, float)) else 1)
         super().build()
         self.buffer: ChunkReplayBuffer | None = None
+        self.shards = None  # a ShardStream when training on a 100M dataset
         self.gradient_steps = 0
         rank = dist.get_rank() if dist.is_initialized() else 0
         self._generator = torch.Generator(device=self._device).manual_seed(self.config.agent_seed + 1_000_003 * rank)
@@ -56,15 +59,32 @@ class AgentLearner(TorchLearner):
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         raise NotImplementedError("agents update through run_steps (learner-resident data), not Learner.update")
 
-    def load_dataset(self, env_name: str, dataset_dir: str | None, sparse: bool, online_capacity: int = 0) -> dict:
+    def load_dataset(self, env_name: str, dataset_dir: str | None, sparse: bool, online_capacity: int = 0,
+                     dataset_size: str = "1M", dataset_url: str | None = None,
+                     shard_interval: int = 1000) -> dict:
         """Load the dataset by path onto this learner's device (never through the config), with room for
-        ``online_capacity`` online transitions after it."""
-        dataset = load_offline_dataset(env_name, dataset_dir, sparse=sparse)
-        size = len(dataset.train["rewards"])
-        self.buffer = ChunkReplayBuffer.from_arrays(dataset.train, self._device, capacity=size + online_capacity)
+        ``online_capacity`` online transitions after it.  ``dataset_size="100M"``: the domain's shard folder, one
+        shard at a time (``qam_ray.data.shards``); the standard file otherwise, downloaded from ``dataset_url``
+        (a mirror) or OGBench's host if missing."""
+        if dataset_size == "100M":
+            from ogbench.utils import DEFAULT_DATASET_DIR
+
+            from qam_ray.data.shards import ShardStream, open_shards
+
+            shards = open_shards(env_name, dataset_dir or DEFAULT_DATASET_DIR, sparse)
+            self.shards = ShardStream(shards, self._device, shard_interval)
+            arrays = self.shards.first(self.gradient_steps)
+            info = {"dataset_source": shards.source, "dataset_sha256": shards.digest, "name": os.path.basename(shards.folder),
+                    "path": shards.folder, "shards": len(shards.paths), "dataset_size": "100M"}
+        else:
+            dataset = load_offline_dataset(env_name, dataset_dir, sparse=sparse, url=dataset_url)
+            arrays = dataset.train
+            info = {"dataset_source": dataset.source, "dataset_sha256": dataset.sha256, "name": dataset.dataset_name,
+                    "path": dataset.train_path, "dataset_size": "1M"}
+        size = len(arrays["rewards"])
+        self.buffer = ChunkReplayBuffer.from_arrays(arrays, self._device, capacity=size + online_capacity)
         self._offline_size, self._sparse = size, sparse
-        return {"dataset_source": dataset.source, "dataset_sha256": dataset.sha256, "transitions": size,
-                "name": dataset.dataset_name, "path": dataset.train_path}
+        return {**info, "transitions": size}
 
     @property
     def online_transitions(self) -> int:
@@ -94,6 +114,7 @@ class AgentLearner(TorchLearner):
         means = run_updates(
             self.agent_module.agent, self.agent_optimizers(), self.buffer,
             self._generator, num_steps, batch_size, first_step=self.gradient_steps, on_raw_gradients=average,
+            shards=self.shards,
         )
         self.gradient_steps += num_steps
         self._weights_seq_no += 1  # new weights for EnvRunner syncs
@@ -132,6 +153,8 @@ class AgentLearner(TorchLearner):
         if ONLINE_ROWS in state:
             self.buffer.truncate(self._offline_size)
             self.buffer.add_transitions(**state[ONLINE_ROWS])
+        if self.shards is not None:  # the shard this step trains on, as an uninterrupted run would hold it
+            self.shards.reload(self.buffer, self.gradient_steps)
 
     def bump_weights_seq_no(self) -> None:
         """Make the next weight sync reach EnvRunners, which ignore weights not newer than theirs."""
