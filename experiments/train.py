@@ -149,7 +149,8 @@ def train_one(args, method: str, config, out: str | None) -> None:
             metrics = result["learners"]["default_policy"]
             row = {"step": step, **{k: round(float(v), 6) for k, v in sorted(metrics.items())}}
             bar.update(args.log_every)
-            bar.set_postfix(loss=f"{row['total_loss']:.3g}", q=f"{row['q_mean']:.3g}", ups=f"{row['updates_per_s']:.1f}")
+            bar.set_postfix(loss=f"{row['total_loss']:.3g}", ups=f"{row['updates_per_s']:.1f}",
+                            **({"q": f"{row['q_mean']:.3g}"} if "q_mean" in row else {}))  # (IDQL logs `q`)
             if out:
                 append_csv(os.path.join(out, "metrics.csv"), row)
             if "evaluation" in result:

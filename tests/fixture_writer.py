@@ -21,17 +21,24 @@ from qam_ray.core.networks import MLP, EnsembleCritic
 GROUP = "actor"
 
 
-def module_subs(agent) -> dict[str, str]:
-    """Our module → the flax sub-module the official trees use under it."""
-    return {name: "value_net" if isinstance(module, EnsembleCritic) or (isinstance(module, MLP) and name == "value")
+def module_subs(agent) -> dict[str, str | tuple[str, ...]]:
+    """Our module → the flax sub-module the official trees use under it; a module whose class names its children
+    officially (``FLAX_NAMES``: an actor's ``MLP_0`` and heads, ``alpha``'s ``log_value``) → the tuple of them."""
+    names = reference_check.official_names(agent)
+
+    def children(module_name):
+        return tuple(sorted({names[n].split(".")[1] for n in names if n.split(".")[0] == module_name}))
+
+    return {name: children(name) if hasattr(module, "FLAX_NAMES") else "value_net"
+            if isinstance(module, EnsembleCritic) or (isinstance(module, MLP) and name == "value")
             else "mlp" for name, module in agent.named_children()}
 
 
 def tree(agent, values: dict[str, torch.Tensor], snapshot: str) -> dict[str, np.ndarray]:
-    subs = module_subs(agent)
+    subs, names = module_subs(agent), reference_check.official_names(agent)
     arrays = {}
     for name, value in values.items():
-        path, transposed = reference_check.flax_path(name, subs)
+        path, transposed = reference_check.flax_path(names[name], subs)
         array = value.detach().cpu().numpy().astype(np.float32)
         arrays[f"{snapshot}/{path}"] = array.T if transposed else array
     return arrays
@@ -54,9 +61,9 @@ def chunk_batch(batch_size: int, obs_dim: int, horizon: int, action_dim: int, di
 
 
 def write_fixture(path, method: str, batch_size: int = 6, seed: int = 0, acting_observations: int = 0,
-                  **hyperparams) -> dict:
+                  per_update: dict[str, list] | None = None, **hyperparams) -> dict:
     """Two updates of our ``method`` agent on one batch, stored in its family's fixture format; returns the
-    config_json."""
+    config_json.  ``per_update``: the family's FIXTURE_PER_UPDATE switches, one entry per update."""
     cls = agent_class(method)
     torch.manual_seed(seed)
     hp = cls.Hyperparams(**hyperparams)
@@ -70,6 +77,7 @@ def write_fixture(path, method: str, batch_size: int = 6, seed: int = 0, acting_
               "batch_size": batch_size, "clip_grad": hp.clip_grad_max_norm is not None,
               "clip_grad_max_norm": hp.clip_grad_max_norm, "adam_b1": 0.9, "adam_b2": 0.999, "adam_eps": 1e-8}
     config["actor_hidden_dims"], config["value_hidden_dims"] = list(hp.actor_hidden_dims), list(hp.value_hidden_dims)
+    config.update(per_update or {})
     arrays = {"config_json": np.array(json.dumps(config)), "config": np.array(repr(config))}
     arrays.update(tree(agent, agent.state_dict(), "params_before"))
     batch = chunk_batch(batch_size, hp.obs_dim, hp.horizon_length, hp.action_dim, hp.discount, seed)
@@ -92,7 +100,8 @@ def write_fixture(path, method: str, batch_size: int = 6, seed: int = 0, acting_
         def keep():
             grads.update({n: p.grad.clone() for n, p in online.items()})
 
-        metrics, inter = agent.update(optimizers, batch, draws, on_raw_gradients=keep)
+        options = {key: values[update - 1] for key, values in (per_update or {}).items()}
+        metrics, inter = agent.update(optimizers, batch, draws, on_raw_gradients=keep, **options)
         arrays.update({prefix + k: v.numpy() for k, v in draws.items()})
         arrays.update({prefix + k: v.detach().numpy() for k, v in inter.items()})
         logged = {k: v for k, v in metrics.items() if k not in ("total_loss", "grad_norm")}

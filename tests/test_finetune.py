@@ -50,10 +50,10 @@ def test_online_flags_are_validated_before_ray(capsys, tmp_path):
 
 def test_finetune_smoke_runs_each_method_offline_then_online_in_one_run(local_ray, tiny_dataset_dir, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert finetune.main(["--preset", "smoke", "--methods", "QAM", "FQL", "--dataset-dir", tiny_dataset_dir,
+    assert finetune.main(["--preset", "smoke", "--methods", "QAM", "FQL", "IDQL", "--dataset-dir", tiny_dataset_dir,
                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "results"), "--name", "ft"]) == 0
     client, runs = trial_runs(uri, "ft")
-    assert sorted(r.data.tags["method"] for r in runs) == ["FQL", "QAM"]
+    assert sorted(r.data.tags["method"] for r in runs) == ["FQL", "IDQL", "QAM"]
     for run in runs:
         assert run.info.status == "FINISHED"
         # offline: gradient steps 4, 8; online: 8 + env steps (2 EnvRunners × 5 chunks × 5 steps = 50 per iteration)

@@ -122,6 +122,42 @@ def test_resume_adds_no_runs_and_analysis_reads_the_sweep(smoke_sweep, tmp_path)
     assert row.count("(2 seeds, 8 steps) [generated data] / paper") == 4
 
 
+NEW_METHODS = ("IDQL", "ReBRAC", "FEdit", "DSRL", "FBRAC", "FAWAC", "SAC-Flow-G", "SAC-Flow-T")
+
+
+def test_every_later_method_runs_in_one_smoke_sweep_and_the_table_sets_it_beside_the_paper(local_ray,
+                                                                                             tiny_dataset_dir,
+                                                                                             tmp_path):
+    """IDQL, the five further QAM-paper baselines and SAC Flow in one sweep with QAM: one finished child run each
+    with eval/success_rate, and a results-table column each, with the published number where the paper has one."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert sweep.main(["--preset", "smoke", "--methods", "QAM", *NEW_METHODS, "--seeds", "0", "--dataset-dir",
+                       tiny_dataset_dir, "--storage-path", str(tmp_path / "results"), "--tracking-uri", uri,
+                       "--name", "later-methods"]) == 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("qam_ray")
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string="tags.sweep = 'later-methods' and tags.`qam_ray.role` = 'trial'")
+    assert sorted(r.data.tags["method"] for r in children) == sorted(("QAM", *NEW_METHODS))
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, analysis.SUCCESS_METRIC)] == [8]
+    analyze = load_script("analyze")
+    assert analyze.main(["--tracking-uri", uri, "--sweep", "later-methods", "--out", str(tmp_path / "a")]) == 0
+    table = (tmp_path / "a" / "table.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| domain"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")][1:]
+    assert columns == sorted(("QAM", *NEW_METHODS))
+    row = dict(zip(columns, next(line for line in table if line.startswith("| all")).strip("|").split("|")[1:]))
+    published = analysis.published_results("offline_1M").set_index(["method", "key"])["mean"]
+    for method in ("QAM", "ReBRAC", "FEdit", "DSRL", "FBRAC", "FAWAC"):  # the paper's aggregate beside ours
+        assert f"/ paper {published[method, 'all']:.1f}" in row[method]
+    for method in ("IDQL", "SAC-Flow-G", "SAC-Flow-T"):  # not in the QAM paper
+        assert "/ paper not published" in row[method]
+
+
 def test_search_preset_runs_optuna_trials_with_distinct_hyperparameters(local_ray, tiny_dataset_dir, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     argv = ["--preset", "search", "--domains", "cube-single-play", "--tasks", "2", "--methods", "QAM-E",

@@ -20,6 +20,15 @@ METHODS: dict[str, str] = {
     "FQL": "qam_ray.agents.fql:FQLAgent",
     "BAM": "qam_ray.agents.bam:BAMAgent",
     "IFQL": "qam_ray.agents.ifql:IFQLAgent",
+    "IDQL": "qam_ray.agents.idql:IDQLAgent",
+    "ReBRAC": "qam_ray.agents.rebrac:ReBRACAgent",
+    "FEdit": "qam_ray.agents.fedit:FEditAgent",
+    "DSRL": "qam_ray.agents.dsrl:DSRLAgent",
+    "FBRAC": "qam_ray.agents.fbrac:FBRACAgent",
+    "FAWAC": "qam_ray.agents.fawac:FAWACAgent",
+    "SAC-Flow-G": "qam_ray.agents.sacflow:SACFlowAgent",
+    "SAC-Flow-T": "qam_ray.agents.sacflow:SACFlowAgent",
+    "SAC-Flow-naive": "qam_ray.agents.sacflow:SACFlowAgent",
 }
 METHOD_NAMES = tuple(METHODS)
 

@@ -122,14 +122,20 @@ def in_interval(hp, name: str, low: float, high: float, low_open: bool = False, 
 # Random draws
 # --------------------------------------------------------------------------------------------------
 NORMAL, UNIFORM = "normal", "uniform"
-DrawSpecs = dict[str, tuple[str, tuple[int, ...]]]  # name → (N(0,1) | U[0,1), shape), drawn in this order
+# name → (N(0,1) | U[0,1) | an int n: integers uniform on {0, …, n−1} stored as floats, shape), drawn in this order
+DrawSpecs = dict[str, tuple[str | int, tuple[int, ...]]]
 
 
 def sample_draws(specs: DrawSpecs, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
     """Draw every tensor of ``specs`` from one generator, in order: one update's randomness as tensors, so a
     fixture can replace it and a captured graph can take it as input."""
     sample = {NORMAL: torch.randn, UNIFORM: torch.rand}
-    return {name: sample[kind](shape, generator=generator, device=device) for name, (kind, shape) in specs.items()}
+
+    def draw(kind, shape):
+        if isinstance(kind, int):  # e.g. a diffusion index; float, as the fixtures store it
+            return torch.randint(kind, shape, generator=generator, device=device).to(torch.get_default_dtype())
+        return sample[kind](shape, generator=generator, device=device)
+    return {name: draw(kind, shape) for name, (kind, shape) in specs.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,8 +180,23 @@ class Agent(nn.Module):
     FIXTURE_FIXED_FLAGS: ClassVar[dict[str, object]] = {}
     FIXTURE_UNUSED_MODULES: ClassVar[tuple[str, ...]] = ()
     FIXTURE_METRIC_ALIASES: ClassVar[dict[str, str]] = {}
+    # Metrics we log that the official code does not (IDQL's total_loss, the progress metric every agent logs).
+    FIXTURE_UNOFFICIAL_METRICS: ClassVar[tuple[str, ...]] = ()
     # config_json lists whose entry i the reference check passes to update i as a keyword of ``update``.
     FIXTURE_PER_UPDATE: ClassVar[tuple[str, ...]] = ()
+    # The official agent names of the family's fixtures (their config_json `agent`) where they differ from ``name``.
+    FIXTURE_AGENTS: ClassVar[tuple[str, ...]] = ()
+    # Hyperparameter field → the config_json key that holds it, where the official name differs from ours.
+    FIXTURE_CONFIG_NAMES: ClassVar[dict[str, str]] = {}
+    # Keywords of ``draw_specs`` and ``update`` for the fixture's two updates (a family with several update kinds).
+    FIXTURE_UPDATE_KWARGS: ClassVar[dict[str, object]] = {}
+    # Fixture prefix of a further single update from the initial parameters → its ``draw_specs``/``update`` keywords.
+    FIXTURE_EXTRA_UPDATES: ClassVar[dict[str, dict[str, object]]] = {}
+    # Fixture prefix of a standalone computation on the initial parameters → the agent method that reproduces it:
+    # ``method(read)`` reads its inputs with ``read(key)`` and returns every other array under the prefix by name.
+    FIXTURE_PROBES: ClassVar[dict[str, str]] = {}
+    # Modules whose gradients the official logs leave out of the global norm and grad/* (their own optimiser).
+    FIXTURE_NORM_EXCLUDED_MODULES: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, hp: AgentHyperparams):
         super().__init__()
@@ -201,6 +222,10 @@ class Agent(nn.Module):
     def acting_modules(self) -> tuple[str, ...]:
         """The top-level modules ``act`` uses; EnvRunners hold only these."""
         raise NotImplementedError
+
+    def begin_online_phase(self) -> None:
+        """Called once on the learner when the online phase starts, for a family that trains differently online
+        (SAC Flow drops its offline BC update); by default both phases run the same update."""
 
     # --- draws, acting, losses ---------------------------------------------------------------------
     def draw_specs(self, batch_size: int) -> DrawSpecs:

@@ -18,7 +18,7 @@ from qam_ray.agents.base import (NORMAL, QAM_REPO_FIXED_FLAGS, UNIFORM, Agent, A
 from qam_ray.core.flow import euler_ode, euler_ode_states
 from qam_ray.core.losses import (best_of_n, chunk_step, critic_td_loss, expectile_loss, flow_matching_loss,
                                  pessimistic, stats, td_target)
-from qam_ray.core.networks import MLP, EnsembleCritic, VelocityField
+from qam_ray.core.networks import EnsembleCritic, ValueNet, VelocityField
 
 
 # --------------------------------------------------------------------------------------------------
@@ -46,16 +46,6 @@ PER_DOMAIN = per_domain_values("IFQL", "kappa", {
 # --------------------------------------------------------------------------------------------------
 # Networks
 # --------------------------------------------------------------------------------------------------
-class ValueNet(MLP):
-    """V_ψ(s): one MLP with the critic's layout (LayerNorm after each hidden activation) and no ensemble axis."""
-
-    def __init__(self, obs_dim: int, hidden_dims, layer_norm: bool):
-        super().__init__(obs_dim, hidden_dims, 1, layer_norm=layer_norm)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return super().forward(obs).squeeze(-1)
-
-
 class IFQLAgent(Agent):
     name = "ifql"
     Hyperparams = IFQLHyperparams

@@ -138,3 +138,46 @@ def adjoint_matching_loss(
         am_adjs=adjoints, am_vf_fine=vf_fine.detach(), am_vf_base=vf_base,
     )
     return loss, inter
+
+
+# --------------------------------------------------------------------------------------------------
+# DDPM with the discretised VP schedule (IDQL; FIXTURE_FORMAT_IDQL.md §4, §8.1)
+# --------------------------------------------------------------------------------------------------
+NoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # ε̂(s, x, t), t the integer index
+
+
+def vp_schedule(num_steps: int, b_min: float = 0.1, b_max: float = 10.0) -> tuple[torch.Tensor, ...]:
+    """(β, α, ᾱ) of the discretised VP-SDE, 0-indexed (entry k is step i = k + 1), in float32:
+    α_i = exp(−b_min/T − ½(b_max − b_min)(2i − 1)/T²), β = 1 − α (computed in float64, then rounded), α = 1 − β,
+    ᾱ_k = ∏_{j ≤ k} α_j (including step k)."""
+    i = torch.arange(1, num_steps + 1, dtype=torch.float64)
+    betas = (1.0 - torch.exp(-b_min / num_steps - 0.5 * (b_max - b_min) * (2 * i - 1) / num_steps**2)).float()
+    alphas = 1.0 - betas
+    return betas, alphas, torch.cumprod(alphas, 0)
+
+
+def ddpm_sample(noise_fn: NoiseFn, obs: torch.Tensor, x_T: torch.Tensor, step_noise: torch.Tensor,
+                betas: torch.Tensor, alphas: torch.Tensor, alpha_hats: torch.Tensor,
+                record: dict | None = None, clip_sampler: bool = True) -> torch.Tensor:
+    """Ancestral DDPM sampling with an ε-prediction, from x_T over t = T−1 … 0, without gradients:
+    x ← (1/√α_t)(x − ((1 − α_t)/√(1 − ᾱ_t))·ε̂(s, x, t)), plus √β_t·z for t > 0 (no noise at t = 0), then a clip
+    to [−1, 1] after every step (the official ``clip_sampler``; False: the plain DDPM sampler).  ``step_noise`` (T, …) holds z of reverse step i at [i]; [T−1] is unused.
+    ``record`` receives the times, the states (clipped and before the clip) and every ε̂, stacked on axis 0."""
+    num_steps = betas.shape[0]
+    times = torch.arange(num_steps - 1, -1, -1, device=x_T.device, dtype=x_T.dtype)
+    x, xs, unclipped, eps_preds = x_T, [x_T], [], []
+    with torch.no_grad():
+        for i in range(num_steps):
+            t = num_steps - 1 - i
+            eps = noise_fn(obs, x, times[i].view(1))
+            x = (1 / alphas[t].sqrt()) * (x - ((1 - alphas[t]) / (1 - alpha_hats[t]).sqrt()) * eps)
+            if t > 0:
+                x = x + betas[t].sqrt() * step_noise[i]
+            unclipped.append(x)
+            x = x.clamp(-1.0, 1.0) if clip_sampler else x
+            xs.append(x)
+            eps_preds.append(eps)
+    if record is not None:
+        record.update(times=times, xs=torch.stack(xs), xs_unclipped=torch.stack(unclipped),
+                      eps_pred=torch.stack(eps_preds))
+    return x

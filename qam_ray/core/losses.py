@@ -54,9 +54,11 @@ def flow_matching_loss(field, obs, actions, x0, t, valid) -> tuple[torch.Tensor,
     return loss, xt, pred
 
 
-def expectile_loss(diff: torch.Tensor, expectile: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """IQL's asymmetric square mean(w·u²) with w = κ where u ≥ 0, else 1 − κ.  Returns (loss, w)."""
-    weight = torch.where(diff >= 0, expectile, 1.0 - expectile)
+def expectile_loss(diff: torch.Tensor, expectile: float, zero_weight_expectile: bool = True,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQL's asymmetric square mean(w·u²) with w = κ where u ≥ 0, else 1 − κ.  Returns (loss, w).
+    ``zero_weight_expectile=False`` gives u = 0 the weight 1 − κ (the strict u > 0 of the official IDQL)."""
+    weight = torch.where(diff >= 0 if zero_weight_expectile else diff > 0, expectile, 1.0 - expectile)
     return (weight * diff.square()).mean(), weight
 
 
@@ -70,3 +72,17 @@ def stats(prefix: str, values: torch.Tensor) -> dict[str, torch.Tensor]:
     """{prefix_mean, prefix_max, prefix_min} of a tensor, detached (the official ``*_mean/max/min`` logs)."""
     values = values.detach()
     return {f"{prefix}_mean": values.mean(), f"{prefix}_max": values.max(), f"{prefix}_min": values.min()}
+
+
+def ddpm_noise_loss(noise_fn, obs, actions, t, noise, alpha_hats, valid, keep=None) -> tuple[torch.Tensor, dict]:
+    """DDPM ε-prediction behaviour cloning: x = √ᾱ_t·a + √(1 − ᾱ_t)·ε, L = mean_B[Σ_D (ε̂(s, x, t) − ε)²·v]
+    (a sum over action dims).  ``t`` (B,) holds the integer diffusion indices as floats.  Returns (loss, the
+    intermediates under the fixtures' ``ddpm_*`` names)."""
+    alpha_hat = alpha_hats[t.long()]
+    noisy = alpha_hat.sqrt()[:, None] * actions + (1 - alpha_hat).sqrt()[:, None] * noise
+    record = {}
+    eps_pred = noise_fn(obs, noisy, t[:, None], keep=keep, record=record)
+    loss = ((eps_pred - noise).square().sum(-1) * valid).mean()
+    inter = {"ddpm_alpha_hat_t": alpha_hat, "ddpm_noisy_actions": noisy, "ddpm_eps_pred": eps_pred.detach(),
+             **{f"ddpm_{k}": v.detach() for k, v in record.items()}}
+    return loss, inter

@@ -31,6 +31,8 @@ class AgentLearner(TorchLearner):
             cpus = self.config.num_cpus_per_learner
             torch.set_num_threads(max(1, int(cpus)) if isinstance(cpus, (int, float)) else 1)
         super().build()
+        if self.config._is_online:  # a family that trains differently online (SAC Flow drops its BC update)
+            self.agent_module.agent.begin_online_phase()
         self.buffer: ChunkReplayBuffer | None = None
         self.shards = None  # a ShardStream when training on a 100M dataset
         self.gradient_steps = 0
