@@ -4,8 +4,10 @@
     python experiments/benchmark.py --plain-only --methods QAM FQL --size small --steps 5 --device cuda --json F
     python experiments/benchmark.py --online --runners 1 2 4 --iterations 10 --json results/benchmark_online_cpu.json
 
-``full`` is the paper's size (4×512 MLPs, E=10 critics, K=10 flow steps, batch 256, chunk 5, obs 40,
-action 5) for every method; ``small`` is a quick configuration.  ``plain`` is the math core's loop without Ray on
+``full`` is each method's official size, its registry defaults, at batch 256, chunk 5, obs 40, action 5: the QAM
+paper's 4×512 MLPs, E=10 critics and K=10 flow steps for the QAM-repository agents, IDQL's own (a 3-block
+LN-ResNet actor, 2×256 critics, E=2, T=5) and SAC Flow's (E=2, K=4); ``small`` is a quick configuration shared by
+every method.  ``plain`` is the math core's loop without Ray on
 a synthetic buffer of those shapes (an update's cost does not depend on the data's values); it imports only torch
 and numpy, so ``--plain-only`` runs on a bare GPU machine.  ``rllib_local`` / ``rllib_remote`` run
 ``Algorithm.train()`` on a generated scene-play dataset with a local or a remote learner.  Each record is
@@ -55,7 +57,7 @@ from qam_ray.orchestration.tracking import git_commit
 from qam_ray.training import OfflineTrainer
 
 SIZES = {
-    "full": dict(hidden=(512, 512, 512, 512), num_qs=10, batch=256),
+    "full": dict(batch=256),  # each method's official networks (its hyperparameter defaults)
     "small": dict(hidden=(64, 64), num_qs=2, batch=64),
 }
 # scene has obs 40 and action 5, and its chunk length is 5: exactly the spec's full-size shapes.
@@ -66,6 +68,8 @@ BENCH_OBS_DIM, BENCH_ACTION_DIM = 40, 5
 
 def size_overrides(size: str) -> dict:
     spec = SIZES[size]
+    if "hidden" not in spec:
+        return {}
     return dict(actor_hidden_dims=spec["hidden"], value_hidden_dims=spec["hidden"], num_qs=spec["num_qs"], flow_steps=10)
 
 
