@@ -6,6 +6,11 @@ Writes table.md (domains × methods, "ours mean ± std (seeds, steps) / paper me
 form), learning_curves.png (per domain, a line per method: mean over seeds, ± std band, each seed thin) and
 comparison.png (bars: ours beside the published numbers).  Runs on generated data are marked.  The tracking URI is --tracking-uri, else
 MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (the sweep's default).
+
+When some runs have an online phase (offline→online sweeps), also the SMAC paper's transfer metrics: transfer.md
+and transfer.csv (per method × domain: drop and normalised regret, mean ± std over seeds; see
+qam_ray.orchestration.analysis.transfer_metrics for the formulas), transfer_runs.csv (per run) and
+transfer_curves.png (curves aligned at the hand-off: x = env steps since it, negative = offline).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qam_ray.orchestration.analysis import STAGES, load_runs, write_report
+from qam_ray.orchestration.analysis import STAGES, load_runs, write_report, write_transfer_report
 
 
 def parse_args(argv=None):
@@ -44,6 +49,11 @@ def main(argv=None) -> int:
     print(markdown)
     print(f"\ntable: {args.out}/table.md (and table.csv)\nlearning curves: {args.out}/learning_curves.png"
           f"\ncomparison with the paper: {args.out}/comparison.png")
+    transfer = write_transfer_report(runs, args.out, args.tracking_uri)
+    if transfer is not None:
+        print(f"\nOffline→online transfer (mean ± std over seeds):\n{transfer}\n\ntransfer table: "
+              f"{args.out}/transfer.md (and transfer.csv, per run transfer_runs.csv)\n"
+              f"aligned curves: {args.out}/transfer_curves.png")
     print(mlflow_ui_hint(args.tracking_uri, experiments[0], args.sweep))
     return 0
 
