@@ -29,6 +29,9 @@ METHODS: dict[str, str] = {
     "SAC-Flow-G": "qam_ray.agents.sacflow:SACFlowAgent",
     "SAC-Flow-T": "qam_ray.agents.sacflow:SACFlowAgent",
     "SAC-Flow-naive": "qam_ray.agents.sacflow:SACFlowAgent",
+    "SAC-Flow-G-scratch": "qam_ray.agents.sacflow_scratch:SACFlowScratchAgent",
+    "SAC-Flow-T-scratch": "qam_ray.agents.sacflow_scratch:SACFlowScratchAgent",
+    "SAC-Flow-naive-scratch": "qam_ray.agents.sacflow_scratch:SACFlowScratchAgent",
 }
 METHOD_NAMES = tuple(METHODS)
 

@@ -197,6 +197,8 @@ class Agent(nn.Module):
     FIXTURE_PROBES: ClassVar[dict[str, str]] = {}
     # Modules whose gradients the official logs leave out of the global norm and grad/* (their own optimiser).
     FIXTURE_NORM_EXCLUDED_MODULES: ClassVar[tuple[str, ...]] = ()
+    # False: the method learns online only, from an empty replay buffer (no offline dataset, no offline phase).
+    OFFLINE_DATA: ClassVar[bool] = True
 
     def __init__(self, hp: AgentHyperparams):
         super().__init__()

@@ -46,6 +46,14 @@ class ChunkReplayBuffer:
             storage[key][:size].copy_(block)
         return cls(storage, size)
 
+    @classmethod
+    def empty(cls, obs_dim: int, action_dim: int, capacity: int, device: torch.device | str) -> ChunkReplayBuffer:
+        """An empty buffer for ``capacity`` transitions (an online-only run: no offline dataset)."""
+        dims = {'observations': obs_dim, 'next_observations': obs_dim, 'actions': action_dim}
+        storage = {key: torch.zeros((capacity, *([dims[key]] if key in dims else [])), dtype=torch.float32,
+                                    device=device) for key in TRANSITION_KEYS}
+        return cls(storage, 0)
+
     @property
     def size(self) -> int:
         return self._size

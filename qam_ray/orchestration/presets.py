@@ -151,6 +151,9 @@ def resolve(preset_name: str, flags: dict, gpus_per_trial: float = 0, cpus_per_t
     if preset.search and len(preset.domains) * len(preset.tasks) * len(preset.methods) != 1:
         errors.append("the search preset tunes one domain, task and method at a time: pass one of each")
     errors += online_errors(preset, offline_checkpoint, continue_run)
+    online_only = [m for m in preset.methods if not agent_class(m).OFFLINE_DATA]
+    if online_only and not preset.online_steps:
+        errors.append(f"--methods {' '.join(online_only)}: online-only (no offline data); set --online-steps")
     naming = override_errors(preset.overrides, preset.methods)
     errors += naming
     for domain in preset.domains if not naming else ():  # the values, once every name is known
@@ -248,6 +251,8 @@ def data_errors(preset: Preset, generate: bool) -> list[str]:
     from qam_ray.data.ogbench_data import DatasetError, check_dataset_files
 
     errors = []
+    if not any(agent_class(method).OFFLINE_DATA for method in preset.methods):
+        return errors  # online-only methods (Agent.OFFLINE_DATA = False) read no dataset
     for domain in dict.fromkeys(domain_of_env(f"{d}-singletask-task1-v0").name for d in preset.domains):
         env_name = f"{domain}-singletask-task1-v0"
         if domain_dataset_size(preset, domain) == "100M":

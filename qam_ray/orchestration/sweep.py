@@ -50,9 +50,12 @@ def dry_run_summary(preset: Preset, specs: list[dict], name: str, verbose: bool 
 def dataset_status(preset: Preset) -> list[str]:
     """Per domain: which dataset it trains on (1M file / 100M shards), where it is expected, and whether it is
     there (official or generated) or missing."""
+    from qam_ray.agents import agent_class
     from qam_ray.domains import domain_of_env
     from qam_ray.orchestration.presets import domain_dataset_size
 
+    if not any(agent_class(method).OFFLINE_DATA for method in preset.methods):
+        return ["datasets: none (online-only methods start from an empty buffer, with no offline phase)"]
     folder = preset.dataset_dir
     lines = [f"datasets in {folder or 'OGBench download folder (~/.ogbench/data; fetched by each trial if missing)'}:"]
     for name in dict.fromkeys(domain_of_env(f"{d}-singletask-task1-v0").name for d in preset.domains):

@@ -51,7 +51,8 @@ def agent_trial(config: dict, base_spec: dict | None = None) -> None:
     spec["overrides"] = {**spec["overrides"], **{k: v for k, v in config.items() if k != "spec"}}
     torch.set_num_threads(spec["threads"])
     online = spec.get("online_steps", 0) > 0
-    state = {"phase": "online" if spec.get("offline_checkpoint") else "offline", "step": 0, "offline_steps": None,
+    starts_online = bool(spec.get("offline_checkpoint")) or not _has_offline_phase(spec)
+    state = {"phase": "online" if starts_online else "offline", "step": 0, "offline_steps": None,
              "curve": [], "pending": []}
     run_id, algo = None, None
     try:
@@ -97,6 +98,14 @@ def agent_trial(config: dict, base_spec: dict | None = None) -> None:
     finally:
         if algo is not None:
             algo.stop()
+
+
+def _has_offline_phase(spec: dict) -> bool:
+    """False for a method without offline data (``Agent.OFFLINE_DATA``) or a budget of 0 offline steps: the trial
+    starts with the online phase, from fresh learners."""
+    from qam_ray.agents import agent_class
+
+    return agent_class(spec["method"]).OFFLINE_DATA and spec["steps"] > 0
 
 
 def not_retried_errors() -> tuple[type[Exception], ...]:
@@ -285,7 +294,8 @@ def _set_run_tags(spec: dict, run_id: str, dataset_info: dict) -> None:
     tags = {"dataset_source": dataset_info["dataset_source"], "dataset_sha256": dataset_info["dataset_sha256"],
             "dataset_size": dataset_info["dataset_size"], CHECKPOINT_DIR_TAG: _checkpoint_dir(spec)}
     MlflowClient(spec["tracking"]["uri"]).log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    log_dataset_input(spec["tracking"]["uri"], run_id, dataset_info)
+    if dataset_info["path"] is not None:  # an online-only method trains on no dataset
+        log_dataset_input(spec["tracking"]["uri"], run_id, dataset_info)
 
 
 def _checkpoint_dir(spec: dict) -> str:

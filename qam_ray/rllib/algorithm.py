@@ -175,6 +175,7 @@ class AgentConfig(AlgorithmConfig):
                eval_every: int = 50_000, offline_checkpoint: str | None = None):
         """Offline-to-online fine-tuning (QAM_SPEC §9 defaults).  ``offline_checkpoint`` is a ``save_to_path``
         folder of an offline run; its learner state (networks, Adam, sampling generator, step count) is loaded.
+        Without one the learners start fresh (a method without offline data: from an empty buffer).
         Set EnvRunners with ``.env_runners(num_env_runners=..., num_envs_per_env_runner=...)``."""
         self._is_online = True
         self.online_steps, self.utd_ratio, self.start_training = online_steps, utd_ratio, start_training
@@ -212,6 +213,8 @@ class AgentConfig(AlgorithmConfig):
                           "(gradient steps per 100M shard)")
         if self._is_online:
             errors += _online_errors(self)
+        elif not self.agent_class.OFFLINE_DATA:
+            errors.append(f"{self.method} learns online only (no offline data): call .online(online_steps=...)")
         # Dimensions are placeholders here: the spaces fix them when the module is built.
         try:
             self.agent_hyperparams(1, 1)

@@ -23,6 +23,9 @@ from qam_ray.training import run_updates
 
 GENERATOR_STATE = "sampling_generator_state"
 ONLINE_ROWS = "online_transitions"  # the online part of the buffer, in checkpoints only
+# The dataset info of an online-only agent's run (the keys ``load_dataset`` returns; no file behind it).
+NO_DATASET = {"dataset_source": "none", "dataset_sha256": "", "name": "none", "path": None, "dataset_size": "none",
+              "transitions": 0}
 
 
 class AgentLearner(TorchLearner):
@@ -67,7 +70,14 @@ class AgentLearner(TorchLearner):
         """Load the dataset by path onto this learner's device (never through the config), with room for
         ``online_capacity`` online transitions after it.  ``dataset_size="100M"``: the domain's shard folder, one
         shard at a time (``qam_ray.data.shards``); the standard file otherwise, downloaded from ``dataset_url``
-        (a mirror) or OGBench's host if missing."""
+        (a mirror) or OGBench's host if missing.  An agent without offline data (``OFFLINE_DATA = False``) gets an
+        empty buffer of ``online_capacity`` transitions instead; the online phase samples it only once
+        ``start_training`` transitions exist."""
+        agent = self.agent_module.agent
+        if not type(agent).OFFLINE_DATA:
+            self.buffer = ChunkReplayBuffer.empty(agent.hp.obs_dim, agent.hp.action_dim, online_capacity, self._device)
+            self._offline_size, self._sparse = 0, sparse
+            return dict(NO_DATASET)
         if dataset_size == "100M":
             from ogbench.utils import DEFAULT_DATASET_DIR
 
