@@ -66,21 +66,26 @@ class SACFlowHyperparams(AgentHyperparams):
     transformer_n_layers: int = 2  # Flow-T: decoder layers L
 
     def errors(self) -> list[str | None]:
-        errors = super().errors() + [
-            positive_int(self, name) for name in
-            ("gate_hidden_dim", "transformer_d_model", "transformer_n_head", "transformer_n_layers")]
+        errors = super().errors() + velocity_policy_errors(self)
         errors += [non_negative(self, name) for name in
                    ("alpha", "alpha_lr", "online_noise_std", "inference_noise_std")]
-        if self.variant not in VARIANTS:
-            errors.append(f"variant={self.variant!r}: must be one of {', '.join(VARIANTS)}")
         if self.q_agg not in ("mean", "min"):
             errors.append(f"q_agg={self.q_agg!r}: must be 'mean' or 'min'")
-        if not (isinstance(self.sac_alpha, (int, float)) and 0 < self.sac_alpha < math.inf):
-            errors.append(f"sac_alpha={self.sac_alpha!r}: must be a finite number > 0 (it is stored as log α)")
-        d, h = self.transformer_d_model, self.transformer_n_head
-        if isinstance(d, int) and isinstance(h, int) and h > 0 and (d % 4 or d % h):
-            errors.append(f"transformer_d_model={d!r}: must be a multiple of 4 and of transformer_n_head={h!r}")
         return errors
+
+
+def velocity_policy_errors(hp) -> list[str | None]:
+    """The checks every SAC Flow track shares: the velocity network's sizes and variant, the initial temperature."""
+    errors = [positive_int(hp, name) for name in
+              ("gate_hidden_dim", "transformer_d_model", "transformer_n_head", "transformer_n_layers")]
+    if hp.variant not in VARIANTS:
+        errors.append(f"variant={hp.variant!r}: must be one of {', '.join(VARIANTS)}")
+    if not (isinstance(hp.sac_alpha, (int, float)) and 0 < hp.sac_alpha < math.inf):
+        errors.append(f"sac_alpha={hp.sac_alpha!r}: must be a finite number > 0 (it is stored as log α)")
+    d, h = hp.transformer_d_model, hp.transformer_n_head
+    if isinstance(d, int) and isinstance(h, int) and h > 0 and (d % 4 or d % h):
+        errors.append(f"transformer_d_model={d!r}: must be a multiple of 4 and of transformer_n_head={h!r}")
+    return errors
 
 
 # The official scripts tune the BC weight per environment but publish no per-domain table (SEED_METHODS §2.4):

@@ -36,14 +36,13 @@ from torch import nn
 
 from qam_ray.agents.base import NORMAL, Agent, AgentHyperparams, Losses, non_negative, positive_int
 from qam_ray.agents.sacflow import (DecodedVelocityField, GatedVelocityField, dense, standard_normal_log_density,
-                                    tanh_log_jacobian)
+                                    tanh_log_jacobian, velocity_policy_errors)
 from qam_ray.core.flow import time_grid
 from qam_ray.core.losses import chunk_step, td_target
 from qam_ray.core.networks import MLP, Temperature, VelocityField
 from qam_ray.core.optim import fill_missing_grads, make_adam, optimizer_step
 from qam_ray.domains import DOMAIN_NAMES
 
-VARIANTS = ("Flow-G", "Flow-T", "naive")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,26 +81,18 @@ class SACFlowScratchHyperparams(AgentHyperparams):
         super().__post_init__()
 
     def errors(self) -> list[str | None]:
-        errors = super().errors() + [positive_int(self, name) for name in (
-            "gate_hidden_dim", "transformer_d_model", "transformer_n_head", "transformer_n_layers", "policy_delay")]
+        errors = super().errors() + velocity_policy_errors(self) + [positive_int(self, "policy_delay")]
         errors += [non_negative(self, name) for name in ("critic_lr", "alpha_lr", "batch_norm_eps")]
-        if self.variant not in VARIANTS:
-            errors.append(f"variant={self.variant!r}: must be one of {', '.join(VARIANTS)}")
         dims = self.sigma_hidden_dims
         if not (isinstance(dims, tuple) and dims and all(isinstance(w, int) and w >= 1 for w in dims)):
             errors.append(f"sigma_hidden_dims={dims!r}: must be a non-empty sequence of positive integers")
         if not (isinstance(self.log_std_min, (int, float)) and isinstance(self.log_std_max, (int, float))
                 and self.log_std_min < self.log_std_max):
             errors.append(f"log_std_min={self.log_std_min!r}, log_std_max={self.log_std_max!r}: need min < max")
-        if not (isinstance(self.sac_alpha, (int, float)) and 0 < self.sac_alpha < math.inf):
-            errors.append(f"sac_alpha={self.sac_alpha!r}: must be a finite number > 0 (it is stored as log α)")
         for name in ("adam_b1", "batch_norm_momentum"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value < 1):
                 errors.append(f"{name}={value!r}: must be in [0, 1)")
-        d, h = self.transformer_d_model, self.transformer_n_head
-        if isinstance(d, int) and isinstance(h, int) and h > 0 and (d % 4 or d % h):
-            errors.append(f"transformer_d_model={d!r}: must be a multiple of 4 and of transformer_n_head={h!r}")
         return errors
 
 
