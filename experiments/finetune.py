@@ -107,7 +107,32 @@ def main(argv=None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     print("sweep.py " + " ".join(command))
-    return load_sweep().main(command)
+    status = load_sweep().main(command)
+    if status == 0:
+        report_transfer(command, args.tracking_uri)
+    return status
+
+
+def report_transfer(command: list[str], tracking_uri: str | None) -> None:
+    """The SMAC paper's transfer metrics of this fine-tune's runs: logged to each MLflow run as ``transfer/drop``,
+    ``transfer/regret`` and ``transfer/normalised_regret`` (regrets relative to the runs of this fine-tune), and
+    printed per run."""
+    from qam_ray.orchestration.analysis import load_runs, log_transfer_metrics, run_transfer_metrics
+    from qam_ray.orchestration.tracking import default_tracking_uri
+
+    def flag(name: str, default: str) -> str:  # its last value on the sweep.py command line, as argparse reads it
+        values = [command[i + 1] for i, word in enumerate(command[:-1]) if word == name]
+        return values[-1] if values else default
+
+    uri = tracking_uri or default_tracking_uri(os.getcwd())
+    per_run, _, _ = run_transfer_metrics(load_runs([flag("--experiment", "qam_ray")], uri, flag("--name", "")), uri)
+    if per_run.empty:
+        return
+    log_transfer_metrics(per_run, uri)
+    columns = ["method", "domain", "task", "seed", "offline_final", "online_final", "drop", "regret",
+               "normalised_regret"]
+    print("\nOffline→online transfer (success in %; drop = offline final − online minimum; regret = mean shortfall "
+          "from the best run on the task):\n" + per_run[columns].to_string(index=False, float_format="%.1f"))
 
 
 if __name__ == "__main__":

@@ -74,11 +74,14 @@ class OfflineTrainer:
     """An agent + its optimisers + a buffer + one device-side random generator, seeded once."""
 
     def __init__(self, method: str, hp: AgentHyperparams, buffer: ChunkReplayBuffer, batch_size: int = 256,
-                 seed: int = 0, shards=None):
+                 seed: int = 0, shards=None, compile: str = "none"):
+        """``compile``: a ``qam_ray.core.compile.COMPILE_MODES`` mode for the agent's losses ("none": eager)."""
         self.method, self.hp, self.buffer, self.batch_size, self.shards = method, hp, buffer, batch_size, shards
         torch.manual_seed(seed)  # network initialisation
         self.agent = agent_class(method)(hp).to(buffer.device)
+        buffer.add_extras(type(self.agent).DATASET_EXTRAS, hp.discount)
         self.optimizers = self.agent.make_optimizers()
+        self.agent.compile_losses(compile)
         self.generator = torch.Generator(device=buffer.device).manual_seed(seed)
         self.step = 0
 

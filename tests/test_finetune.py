@@ -50,10 +50,10 @@ def test_online_flags_are_validated_before_ray(capsys, tmp_path):
 
 def test_finetune_smoke_runs_each_method_offline_then_online_in_one_run(local_ray, tiny_dataset_dir, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert finetune.main(["--preset", "smoke", "--methods", "QAM", "FQL", "IDQL", "--dataset-dir", tiny_dataset_dir,
+    assert finetune.main(["--preset", "smoke", "--methods", "QAM", "FQL", "IDQL", "SMAC", "--dataset-dir", tiny_dataset_dir,
                           "--tracking-uri", uri, "--storage-path", str(tmp_path / "results"), "--name", "ft"]) == 0
     client, runs = trial_runs(uri, "ft")
-    assert sorted(r.data.tags["method"] for r in runs) == ["FQL", "IDQL", "QAM"]
+    assert sorted(r.data.tags["method"] for r in runs) == ["FQL", "IDQL", "QAM", "SMAC"]
     for run in runs:
         assert run.info.status == "FINISHED"
         # offline: gradient steps 4, 8; online: 8 + env steps (2 EnvRunners × 5 chunks × 5 steps = 50 per iteration)
@@ -64,6 +64,14 @@ def test_finetune_smoke_runs_each_method_offline_then_online_in_one_run(local_ra
         assert buffer[-1][1] == buffer[0][1] + 50
         assert {"perf/env_steps_per_s", "perf/sample_s", "perf/update_s"} <= set(run.data.metrics)
         assert run.data.params["online_steps"] == "100" and run.data.params["env_runners"] == "2"
+    # The transfer metrics logged to each run, recomputed from its two evaluations (hand-off at 8, online at 108):
+    # drop = s₀ − min(s₀, s₁); regret = best success of any of these runs − mean(s₀, s₁); in percentage points.
+    evals = {r.info.run_id: [100 * v for _, v in history(client, r, "eval/success_rate")] for r in runs}
+    best = max(max(curve) for curve in evals.values())
+    for run in runs:
+        curve = evals[run.info.run_id]
+        assert history(client, run, "transfer/drop") == [(108, pytest.approx(curve[0] - min(curve)))]
+        assert history(client, run, "transfer/regret") == [(108, pytest.approx(best - sum(curve) / 2))]
 
 
 def test_finetune_continues_a_finished_offline_trial_run(local_ray, tiny_dataset_dir, tmp_path, capsys):

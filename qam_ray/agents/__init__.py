@@ -32,6 +32,7 @@ METHODS: dict[str, str] = {
     "SAC-Flow-G-scratch": "qam_ray.agents.sacflow_scratch:SACFlowScratchAgent",
     "SAC-Flow-T-scratch": "qam_ray.agents.sacflow_scratch:SACFlowScratchAgent",
     "SAC-Flow-naive-scratch": "qam_ray.agents.sacflow_scratch:SACFlowScratchAgent",
+    "SMAC": "qam_ray.agents.smac:SMACAgent",
 }
 METHOD_NAMES = tuple(METHODS)
 

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from qam_ray.core.compile import CUDA_GRAPH_MODES, compiled_losses, cuda_graph_steps
 from qam_ray.core.optim import joint_step, make_adam
 
 # --------------------------------------------------------------------------------------------------
@@ -199,6 +200,13 @@ class Agent(nn.Module):
     FIXTURE_NORM_EXCLUDED_MODULES: ClassVar[tuple[str, ...]] = ()
     # False: the method learns online only, from an empty replay buffer (no offline dataset, no offline phase).
     OFFLINE_DATA: ClassVar[bool] = True
+    # Per-row dataset columns the losses read besides the transitions (``qam_ray.data.replay.EXTRA_COLUMNS``, e.g.
+    # SMAC's "returns_to_go"): computed over the offline rows when the buffer is built, 0 on online rows, sampled
+    # at each chunk's start.  Other agents' batches hold the transitions only.
+    DATASET_EXTRAS: ClassVar[tuple[str, ...]] = ()
+    # The methods that compute losses from (batch, draws), which ``compile_losses`` runs under torch.compile: every
+    # tensor computation of an update except the optimiser steps (a family whose ``update`` calls several lists each).
+    LOSS_FUNCTIONS: ClassVar[tuple[str, ...]] = ("losses",)
 
     def __init__(self, hp: AgentHyperparams):
         super().__init__()
@@ -258,6 +266,18 @@ class Agent(nn.Module):
         """One gradient step; returns (metrics, intermediates).  The joint step unless a family overrides it.
         ``on_raw_gradients`` runs after every backward pass, before clipping and stepping."""
         return joint_step(self, optimizers["adam"], batch, draws, on_raw_gradients)
+
+    def compile_losses(self, mode: str) -> None:
+        """Run every ``LOSS_FUNCTIONS`` method (forward and backward) under ``torch.compile(mode=mode)`` from now on;
+        "none" keeps eager.  Call after moving the agent to its device (``qam_ray.core.compile`` says what each mode
+        does and why the optimiser steps stay eager)."""
+        if mode == "none":
+            return
+        cuda_graphs = mode in CUDA_GRAPH_MODES and next(self.parameters()).is_cuda
+        for name in self.LOSS_FUNCTIONS:
+            setattr(self, name, compiled_losses(getattr(self, name), mode, cuda_graphs))
+        if cuda_graphs:
+            self.update = cuda_graph_steps(self.update)
 
     @classmethod
     def search_space(cls, trial, method: str) -> dict:

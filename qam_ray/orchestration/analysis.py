@@ -384,20 +384,44 @@ def plot_transfer_curves(runs: pd.DataFrame, curves: pd.DataFrame, handoffs: pd.
     plt.close(fig)
 
 
+def run_transfer_metrics(runs: pd.DataFrame, tracking_uri: str | None = None
+                         ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``transfer_metrics`` of ``runs`` read from MLflow, with the curves and hand-offs of the runs it covers."""
+    handoffs = handoff_steps(runs, tracking_uri)
+    curves = learning_curves(list(handoffs["run_id"]), tracking_uri)
+    per_run = transfer_metrics(runs, curves, handoffs)
+    return per_run, curves, handoffs[handoffs["run_id"].isin(per_run["run_id"])]
+
+
+TRANSFER_RUN_METRICS = ("drop", "regret", "normalised_regret")
+
+
+def log_transfer_metrics(per_run: pd.DataFrame, tracking_uri: str | None = None) -> None:
+    """Each run's drop and regrets as ``transfer/<name>`` metrics of its own MLflow run (undefined ones left out),
+    at the run's last evaluation step, so the MLflow table shows them beside the run's success."""
+    import math
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client, now = MlflowClient(tracking_uri), int(time.time() * 1000)
+    for row in per_run.itertuples():
+        step = max(m.step for m in client.get_metric_history(row.run_id, SUCCESS_METRIC))
+        metrics = [Metric(f"transfer/{name}", float(getattr(row, name)), now, step)
+                   for name in TRANSFER_RUN_METRICS if not math.isnan(getattr(row, name))]
+        client.log_batch(row.run_id, metrics=metrics)
+
+
 def write_transfer_report(runs: pd.DataFrame, out: str, tracking_uri: str | None = None) -> str | None:
     """When ``runs`` has online runs: the transfer table (transfer.md, transfer.csv), the per-run metrics
     (transfer_runs.csv) and the aligned curves (transfer_curves.png) into ``out``; returns the markdown table, or
     None (and writes nothing) when no run has an online evaluation."""
     import os
 
-    handoffs = handoff_steps(runs, tracking_uri)
-    if handoffs.empty:
-        return None
-    curves = learning_curves(list(handoffs["run_id"]), tracking_uri)
-    per_run = transfer_metrics(runs, curves, handoffs)
+    per_run, curves, handoffs = run_transfer_metrics(runs, tracking_uri)
     if per_run.empty:
         return None
-    handoffs = handoffs[handoffs["run_id"].isin(per_run["run_id"])]
     table = transfer_table(per_run)
     markdown = format_transfer_markdown(table)
     os.makedirs(out, exist_ok=True)

@@ -36,6 +36,7 @@ class AgentLearner(TorchLearner):
         super().build()
         if self.config._is_online:  # a family that trains differently online (SAC Flow drops its BC update)
             self.agent_module.agent.begin_online_phase()
+        self.agent_module.agent.compile_losses(self.config.compile)  # on its device by now (qam_ray.core.compile)
         self.buffer: ChunkReplayBuffer | None = None
         self.shards = None  # a ShardStream when training on a 100M dataset
         self.gradient_steps = 0
@@ -76,6 +77,7 @@ class AgentLearner(TorchLearner):
         agent = self.agent_module.agent
         if not type(agent).OFFLINE_DATA:
             self.buffer = ChunkReplayBuffer.empty(agent.hp.obs_dim, agent.hp.action_dim, online_capacity, self._device)
+            self.buffer.add_extras(type(agent).DATASET_EXTRAS, agent.hp.discount)
             self._offline_size, self._sparse = 0, sparse
             return dict(NO_DATASET)
         if dataset_size == "100M":
@@ -95,6 +97,7 @@ class AgentLearner(TorchLearner):
                     "path": dataset.train_path, "dataset_size": "1M"}
         size = len(arrays["rewards"])
         self.buffer = ChunkReplayBuffer.from_arrays(arrays, self._device, capacity=size + online_capacity)
+        self.buffer.add_extras(type(agent).DATASET_EXTRAS, agent.hp.discount)  # over the offline rows only
         self._offline_size, self._sparse = size, sparse
         return {**info, "transitions": size}
 
