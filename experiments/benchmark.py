@@ -11,8 +11,12 @@ every method.  ``plain`` is the math core's loop without Ray on
 a synthetic buffer of those shapes (an update's cost does not depend on the data's values); it imports only torch
 and numpy, so ``--plain-only`` runs on a bare GPU machine.  ``rllib_local`` / ``rllib_remote`` run
 ``Algorithm.train()`` on a generated scene-play dataset with a local or a remote learner.  Each record is
-``{name, method, size, device, updates_per_s, seconds_per_update, steps, ...}``; records already in the file with
-the same (name, method, size, device) are replaced, others are kept, so one file collects every benchmark.
+``{name, method, size, device, compile, updates_per_s, seconds_per_update, steps, ...}``; records already in the file
+with the same (name, method, size, device, compile) are replaced, others are kept, so one file collects every
+benchmark.  ``--compile none default reduce-overhead`` times those ``torch.compile`` modes of the losses
+(``qam_ray.core.compile``) in turns in one run; ``compile_s`` is the build + warm-up time (compilation included,
+never timed), ``ratio_to_eager`` the updates/s over the same benchmark's eager record.  On CPU "reduce-overhead"
+(CUDA graphs) is recorded as skipped.
 Compare ratios only between records of one run on one machine.
 
 ``--shard-swap`` records ``shard_swap``: updates/s of the plain loop on a 100M-style shard folder (puzzle-4x4, a
@@ -34,6 +38,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -50,9 +55,11 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo; also silences GLFW
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qam_ray.agents import METHOD_NAMES
-from qam_ray.data.replay import ChunkReplayBuffer
+from qam_ray.core.compile import COMPILE_MODES
+from qam_ray.data.replay import ChunkReplayBuffer, synthetic_buffer as make_synthetic_buffer
 from qam_ray.orchestration.tracking import git_commit
 from qam_ray.training import OfflineTrainer
 
@@ -84,21 +91,15 @@ def ensure_dataset(dataset_dir: str) -> str:
 
 def synthetic_buffer(device: torch.device, size: int = 3000, episode_length: int = 1000) -> ChunkReplayBuffer:
     """Random transitions in the benchmark's shapes, episodes of ``episode_length`` steps (no ogbench needed)."""
-    rng = np.random.default_rng(0)
-    terminals = np.zeros(size, np.float32)
-    terminals[episode_length - 1::episode_length] = 1.0
-    arrays = {"observations": rng.standard_normal((size, BENCH_OBS_DIM), np.float32),
-              "actions": rng.uniform(-1, 1, (size, BENCH_ACTION_DIM)).astype(np.float32),
-              "next_observations": rng.standard_normal((size, BENCH_OBS_DIM), np.float32),
-              "rewards": -(rng.uniform(size=size) < 0.5).astype(np.float32), "masks": np.ones(size, np.float32),
-              "terminals": terminals}
-    return ChunkReplayBuffer.from_arrays(arrays, device)
+    return make_synthetic_buffer(BENCH_OBS_DIM, BENCH_ACTION_DIM, device, size, episode_length)
 
 
-def prepare_plain(method: str, size: str, steps: int, device: torch.device, dataset_dir: str, threads: int):
-    """The math core's loop: sample a chunk batch on-device, one optimisation step, repeat."""
+def prepare_plain(method: str, size: str, steps: int, device: torch.device, dataset_dir: str, threads: int,
+                  compile: str = "none"):
+    """The math core's loop: sample a chunk batch on-device, one optimisation step, repeat; the losses under
+    ``torch.compile(mode=compile)`` unless "none" (compiled during the warm-up steps)."""
     trainer = OfflineTrainer.for_env(method, BENCH_ENV, synthetic_buffer(device), size_overrides(size),
-                                     batch_size=SIZES[size]["batch"])
+                                     batch_size=SIZES[size]["batch"], compile=compile)
     trainer.train(WARMUP_STEPS)
 
     def timed() -> float:
@@ -110,20 +111,21 @@ def prepare_plain(method: str, size: str, steps: int, device: torch.device, data
     return timed, lambda: None
 
 
-def bench_config(method: str, size: str, dataset_dir: str, steps: int):
+def bench_config(method: str, size: str, dataset_dir: str, steps: int, compile: str = "none"):
     """``method`` on the benchmark dataset at ``size``, ``steps`` gradient steps per offline iteration."""
     from qam_ray.rllib import AgentConfig
 
     return (AgentConfig().ogbench(BENCH_DOMAIN, task=BENCH_TASK, method=method, dataset_dir=dataset_dir)
             .training(**size_overrides(size), num_steps_per_iteration=steps,
-                      train_batch_size_per_learner=SIZES[size]["batch"]))
+                      train_batch_size_per_learner=SIZES[size]["batch"], compile=compile))
 
 
 def prepare_rllib(num_learners: int):
     """``Algorithm.train()`` with ``steps`` gradient steps per iteration, on a local or a remote learner."""
 
-    def prepare(method: str, size: str, steps: int, device: torch.device, dataset_dir: str, threads: int):
-        config = bench_config(method, size, dataset_dir, steps).learners(
+    def prepare(method: str, size: str, steps: int, device: torch.device, dataset_dir: str, threads: int,
+                compile: str = "none"):
+        config = bench_config(method, size, dataset_dir, steps, compile).learners(
             num_learners=num_learners, num_cpus_per_learner=threads, num_gpus_per_learner=1 if device.type == "cuda" else 0)
         algo = config.build_algo()
         algo.learner_group.foreach_learner(lambda learner: learner.run_steps(WARMUP_STEPS, SIZES[size]["batch"]))
@@ -295,8 +297,8 @@ def write_records(path: str, records: list[dict]) -> None:
     if os.path.exists(path):
         with open(path) as f:
             existing = json.load(f)
-    def key(record):  # records from before methods existed are QAM's
-        return record["name"], record.get("method", "QAM"), record["size"], record["device"]
+    def key(record):  # records from before methods existed are QAM's, from before compile modes eager
+        return record["name"], record.get("method", "QAM"), record["size"], record["device"], record.get("compile", "none")
 
     keys = {key(r) for r in records}
     merged = [r for r in existing if key(r) not in keys] + records
@@ -306,6 +308,7 @@ def write_records(path: str, records: list[dict]) -> None:
 
 
 WARMUP_STEPS = 3
+CPU_SKIP_REASON = "CUDA graphs need a CUDA device; on CPU this mode is Inductor alone, which 'default' times"
 BENCHMARKS = {"plain": prepare_plain, "rllib_local": prepare_rllib(0), "rllib_remote": prepare_rllib(1)}
 RAY_BENCHMARKS = ("rllib_local", "rllib_remote")
 
@@ -329,29 +332,51 @@ def update_benchmarks(args, device: torch.device, dataset_dir: str | None, commo
     ray_cpus = torch.get_num_threads() * (1 + remote)
     with local_ray(ray_cpus) if uses_ray else contextlib.nullcontext():
         # All benchmarks are built first, then timed in turns, so slow drifts of a shared machine hit each alike;
-        # the median over the repeats is recorded.
-        prepared = {(name, method): BENCHMARKS[name](method, args.size, args.steps, device, dataset_dir,
-                                                    torch.get_num_threads())
-                    for method in args.methods for name in args.only}
+        # the median over the repeats is recorded.  Building includes the warm-up steps, and so compilation:
+        # recorded as compile_s, never timed.
+        prepared, compile_s, records = {}, {}, []
+        for method in args.methods:
+            for name in args.only:
+                for mode in args.compile:
+                    if mode == "reduce-overhead" and device.type != "cuda":
+                        records.append({"name": name, "method": method, "compile": mode, "skipped": CPU_SKIP_REASON,
+                                        **common})
+                        print(f"{name:>14} {method:>6} {args.size:>5} {device.type} [{mode}]: skipped ({CPU_SKIP_REASON})")
+                        continue
+                    start = time.perf_counter()
+                    prepared[name, method, mode] = BENCHMARKS[name](method, args.size, args.steps, device, dataset_dir,
+                                                                    torch.get_num_threads(), compile=mode)
+                    compile_s[name, method, mode] = time.perf_counter() - start
         times = time_in_turns(prepared, args.repeats)
-    records = []
-    for (name, method) in prepared:
-        elapsed = statistics.median(times[name, method])
+    for (name, method, mode) in prepared:
+        elapsed = statistics.median(times[name, method, mode])
         result = rates(args.steps, elapsed)
-        records.append({"name": name, "method": method, **result, "repeats": args.repeats,
+        records.append({"name": name, "method": method, "compile": mode, **result, "repeats": args.repeats,
+                        "compile_s": round(compile_s[name, method, mode], 2),
                         **({"ray_logical_cpus": ray_cpus, "physical_cpus": os.cpu_count()} if uses_ray else {}),
-                        "seconds_per_update_all": [round(t / args.steps, 5) for t in times[name, method]],
+                        "seconds_per_update_all": [round(t / args.steps, 5) for t in times[name, method, mode]],
                         "steps": args.steps, **common})
-        print(f"{name:>14} {method:>6} {args.size:>5} {device.type}: {result['updates_per_s']:8.2f} updates/s "
-              f"({result['seconds_per_update'] * 1e3:.1f} ms/update, median of {args.repeats})")
-    # Ratios only within this run: same machine, same moment.
-    plain = {r["method"]: r for r in records if r["name"] == "plain"}
-    for record in records:
-        base = plain.get(record["method"])
-        if base is not None and record is not base:
-            record["ratio_to_plain"] = record["updates_per_s"] / base["updates_per_s"]
-            print(f"{record['name']:>14} {record['method']:>6} / plain = {record['ratio_to_plain']:.3f}")
+        print(f"{name:>14} {method:>6} {args.size:>5} {device.type} [{mode}]: {result['updates_per_s']:8.2f} updates/s "
+              f"({result['seconds_per_update'] * 1e3:.1f} ms/update, median of {args.repeats}; "
+              f"build + warm-up {compile_s[name, method, mode]:.1f} s)")
+    # Ratios only within this run: same machine, same moment.  Each compiled mode over its eager record, each RLlib
+    # path over the plain loop in the same mode.
+    add_ratios(records, "ratio_to_eager", lambda r: (r["name"], r["method"]), lambda r: r["compile"] == "none",
+               lambda r: f"[{r['compile']}] / eager")
+    add_ratios(records, "ratio_to_plain", lambda r: (r["method"], r["compile"]), lambda r: r["name"] == "plain",
+               lambda r: "/ plain")
     return records
+
+
+def add_ratios(records: list[dict], field: str, key, is_base, label) -> None:
+    """``record[field]`` = its updates/s over the base record (``is_base``) of the same ``key``; skipped records
+    take no part."""
+    bases = {key(r): r for r in records if is_base(r) and "skipped" not in r}
+    for record in records:
+        base = bases.get(key(record))
+        if base is not None and record is not base and "skipped" not in record:
+            record[field] = record["updates_per_s"] / base["updates_per_s"]
+            print(f"{record['name']:>14} {record['method']:>6} {label(record)} = {record[field]:.3f}")
 
 
 def online_benchmarks(args, device: torch.device, dataset_dir: str, common: dict) -> list[dict]:
@@ -380,6 +405,193 @@ def online_benchmarks(args, device: torch.device, dataset_dir: str, common: dict
     return records
 
 
+# --------------------------------------------------------------------------------------------------
+# --profile, --contend, --pack: where an update's time goes on a CPU, and how it shares one
+# --------------------------------------------------------------------------------------------------
+MATMUL_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten.baddbmm.default)
+
+
+def matmul_flops(shapes: list[tuple[int, ...]]) -> int:
+    """2·M·N·K (times the batch) of one mm/addmm/bmm/baddbmm from its operand shapes (the bias, if any, first)."""
+    a, b = shapes[-2:]
+    return 2 * math.prod(a) * b[-1]
+
+
+class MatmulRecorder(TorchDispatchMode):
+    """Every matmul one update runs, forward and backward, as (op, operand shapes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[object, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMUL_OPS:
+            self.calls.append((func, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
+def matmul_replay(calls, device: torch.device):
+    """``run()`` times the recorded matmuls alone, at the same shapes and thread count: the update's floor."""
+    operands = {}
+    for _, shapes in calls:
+        for shape in shapes:
+            operands.setdefault(shape, torch.randn(shape, device=device))
+    program = [(func, [operands[s] for s in shapes]) for func, shapes in calls]
+
+    def run() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        for func, tensors in program:
+            func(*tensors)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    return run
+
+
+def profile_benchmark(args, device: torch.device, common: dict) -> list[dict]:
+    """``profile``: one method's update against its matmul floor (timed in turns), and its time per ``phase:`` label
+    (torch.profiler; the labels sit in the agents' losses and the shared optimisation step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    method = args.methods[0]
+    trainer = OfflineTrainer.for_env(method, BENCH_ENV, synthetic_buffer(device), size_overrides(args.size),
+                                     batch_size=SIZES[args.size]["batch"])
+    trainer.train(WARMUP_STEPS)
+    with MatmulRecorder() as recorder:
+        trainer.train(1)
+    flops = sum(matmul_flops(shapes) for _, shapes in recorder.calls)
+    floor = matmul_replay(recorder.calls, device)
+    floor()
+
+    def update() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        trainer.train(args.steps)
+        return (time.perf_counter() - start) / args.steps
+
+    times = time_in_turns({"update": (update, lambda: None), "floor": (floor, lambda: None)}, args.repeats)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.train(args.steps)
+    events = prof.key_averages()
+    profiled = sum(e.self_cpu_time_total for e in events) / 1e6 / args.steps  # main-thread time under the profiler
+    phases = {e.key.removeprefix("phase:"): e.cpu_time_total / 1e6 / args.steps
+              for e in events if e.key.startswith("phase:")}
+    update_s, floor_s = statistics.median(times["update"]), statistics.median(times["floor"])
+    record = {"name": "profile", "method": method, **rates(1, update_s), "floor_s": floor_s,
+              "floor_ratio": update_s / floor_s, "matmul_gflop": flops / 1e9,
+              "matmul_gflop_per_s": flops / floor_s / 1e9,
+              "matmuls": len(recorder.calls), "profiled_s_per_update": profiled,
+              "phases_s": {k: round(v, 5) for k, v in phases.items()},
+              "phases_other_s": round(profiled - sum(phases.values()), 5),
+              "update_s_all": [round(t, 4) for t in times["update"]],
+              "floor_s_all": [round(t, 4) for t in times["floor"]],
+              "steps": args.steps, "repeats": args.repeats, "load_average": os.getloadavg(), **common}
+    print(f"profile {method} {args.size} {device.type}: {update_s:.3f} s/update, matmul floor {floor_s:.3f} s "
+          f"({flops / 1e9:.1f} GFLOP in {len(recorder.calls)} matmuls at {record['matmul_gflop_per_s']:.0f} GFLOP/s): "
+          f"ratio {record['floor_ratio']:.2f}  (load {os.getloadavg()[0]:.1f})")
+    for name, seconds in sorted(phases.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:>24} {seconds * 1e3:8.1f} ms  {seconds / profiled:6.1%}")
+    print(f"  {'(unlabelled)':>24} {record['phases_other_s'] * 1e3:8.1f} ms  (profiled total {profiled * 1e3:.1f} ms)")
+    return [record]
+
+
+def busy_worker(go, stop) -> None:
+    """A contending process: a tight pure-Python loop while ``go`` is set, asleep otherwise."""
+    count = 0
+    while not stop.is_set():
+        if go.wait(0.05):
+            for _ in range(100_000):
+                count += 1
+
+
+def contend_benchmark(args, device: torch.device, common: dict) -> list[dict]:
+    """``contend{N}``: the plain loop with N busy processes beside it against the same loop alone, in turns."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    go, stop = context.Event(), context.Event()
+    workers = [context.Process(target=busy_worker, args=(go, stop), daemon=True) for _ in range(args.contend)]
+    for worker in workers:
+        worker.start()
+    records = []
+    try:
+        for method in args.methods:
+            timed, close = prepare_plain(method, args.size, args.steps, device, None, torch.get_num_threads())
+
+            def contended(timed=timed) -> float:
+                go.set()
+                time.sleep(0.2)  # the busy loops are running
+                try:
+                    return timed()
+                finally:
+                    go.clear()
+
+            times = time_in_turns({"alone": (timed, lambda: None), "contended": (contended, close)}, args.repeats)
+            alone, busy = (statistics.median(times[k]) / args.steps for k in ("alone", "contended"))
+            record = {"name": f"contend{args.contend}", "method": method, **rates(1, busy),
+                      "seconds_per_update_alone": alone, "slowdown": busy / alone, "busy_processes": args.contend,
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                      "seconds_per_update_all": [round(t / args.steps, 4) for t in times["contended"]],
+                      "seconds_per_update_alone_all": [round(t / args.steps, 4) for t in times["alone"]],
+                      "steps": args.steps, "repeats": args.repeats, "load_average": os.getloadavg(), **common}
+            records.append(record)
+            print(f"contend{args.contend} {method:>6} {args.size:>5} {device.type}: {alone * 1e3:.1f} ms/update alone, "
+                  f"{busy * 1e3:.1f} with {args.contend} busy process(es): slowdown {record['slowdown']:.2f}x "
+                  f"(OMP_WAIT_POLICY={record['omp_wait_policy']}, {torch.get_num_threads()} threads)")
+    finally:
+        stop.set()
+        go.set()
+        for worker in workers:
+            worker.join(5)
+    return records
+
+
+def pack_worker(method: str, size: str, steps: int, repeats: int, device: str, threads: int, barrier, results) -> None:
+    """One packed trial: its fair share of threads, warm up, wait for the others, time, report updates/s."""
+    torch.set_num_threads(threads)
+    timed, close = prepare_plain(method, size, steps, torch.device(device), None, threads)
+    barrier.wait()
+    elapsed = statistics.median(timed() for _ in range(repeats))
+    close()
+    results.put(steps / elapsed)
+
+
+def pack_benchmark(args, device: torch.device, common: dict) -> list[dict]:
+    """``pack{k}``: k plain-loop processes at once on this machine, each with max(1, cpus // k) threads; the
+    aggregate updates/s is the sum of theirs."""
+    import multiprocessing
+
+    context, cpus = multiprocessing.get_context("spawn"), len(os.sched_getaffinity(0))
+    records = []
+    for method in args.methods:
+        single = None
+        for k in args.pack:
+            threads = max(1, cpus // k)
+            barrier, results = context.Barrier(k), context.Queue()
+            procs = [context.Process(target=pack_worker, args=(method, args.size, args.steps, args.repeats,
+                                                              device.type, threads, barrier, results))
+                     for _ in range(k)]
+            for proc in procs:
+                proc.start()
+            per_trial = [results.get() for _ in procs]
+            for proc in procs:
+                proc.join()
+            aggregate = sum(per_trial)
+            single = single or aggregate / k
+            record = {"name": f"pack{k}", "method": method, "updates_per_s": aggregate, "trials": k,
+                      "threads_per_trial": threads, "updates_per_s_per_trial": per_trial,
+                      "speedup_vs_one_trial": aggregate / single if args.pack[0] == 1 else None,
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "steps": args.steps,
+                      "repeats": args.repeats, "load_average": os.getloadavg(), **common}
+            records.append(record)
+            print(f"pack{k} {method:>6} {args.size:>5} {device.type}: {aggregate:8.2f} updates/s in all "
+                  f"({k} x {threads} thread(s); per trial {min(per_trial):.2f}-{max(per_trial):.2f})"
+                  + (f", x{record['speedup_vs_one_trial']:.2f} of one trial" if record["speedup_vs_one_trial"] else ""))
+    return records
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -398,8 +610,17 @@ def parse_args(argv=None):
     p.add_argument("--shard-swap", action="store_true", help="time 100M shard swapping against no swapping instead")
     p.add_argument("--shard-rows", type=int, default=100_100, help="shard-swap: rows per shard (whole episodes)")
     p.add_argument("--shard-interval", type=int, default=1000, help="shard-swap: gradient steps per shard")
+    p.add_argument("--profile", action="store_true", help="per-phase times of the first method's update and its "
+                   "matmul floor (the update's own matmuls timed alone), in turns")
+    p.add_argument("--contend", type=int, default=0, metavar="N", help="time the plain loop beside N busy processes "
+                   "against it alone, in turns (the slowdown factor)")
+    p.add_argument("--pack", type=int, nargs="+", default=None, metavar="K", help="run K plain-loop processes at "
+                   "once (each max(1, cpus // K) threads) and record their aggregate updates/s, per K")
     p.add_argument("--dataset-dir", default="data/bench", help="where the small generated benchmark dataset lives")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", nargs="+", choices=COMPILE_MODES, default=["none"], metavar="MODE",
+                   help=f"torch.compile modes of the losses to time, in turns ({', '.join(COMPILE_MODES)}; 'none': "
+                   "eager); each record says its mode.  CUDA-graph modes are skipped on CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or all)")
     p.add_argument("--json", default=None, help="JSON file to add the records to")
     return p, p.parse_args(argv)
@@ -420,11 +641,17 @@ def main(argv=None) -> int:
               "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **machine_info(device)}
     if args.shard_swap:
         records = shard_benchmark(args, device, common)
+    elif args.profile or args.contend or args.pack:
+        common["dataset"] = BENCH_ENV + " shapes (synthetic)"
+        records = (profile_benchmark if args.profile else contend_benchmark if args.contend else pack_benchmark)(
+            args, device, common)
     else:
         uses_data = args.online or any(name in RAY_BENCHMARKS for name in args.only)
         common["dataset"] = BENCH_ENV + (" (generated; plain: synthetic)" if uses_data else " shapes (synthetic)")
         dataset_dir = ensure_dataset(os.path.abspath(args.dataset_dir)) if uses_data else None
         records = (online_benchmarks if args.online else update_benchmarks)(args, device, dataset_dir, common)
+    for record in records:  # the benchmarks without --compile modes run eager
+        record.setdefault("compile", "none")
     if args.json:
         write_records(args.json, records)
     return 0

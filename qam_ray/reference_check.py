@@ -1,6 +1,6 @@
 """Check our agents number by number against fixtures dumped from the official JAX code.
 
-    python -m qam_ray.reference_check FIXTURE.npz [FIXTURE.npz ...]
+    python -m qam_ray.reference_check FIXTURE.npz [FIXTURE.npz ...] [--compile MODE] [--device cuda]
 
 A fixture's ``config_json`` names its agent (``agent``; QAM's own format has only ``variant``) and gives every size
 and hyperparameter.  The fixture's parameters and random draws are loaded into our agent, the acting path (where
@@ -11,7 +11,8 @@ stricter tolerance), and Adam's moments after update 1.  Every array of the fixt
 intermediate our port produces must be in the fixture: a fixture with a key removed, or one we do not read, fails.
 
 Tolerances are those of the fixture's format document (one per family; the ``FORMATS`` table).  Exit status 1 if
-any check fails.
+any check fails.  ``--compile`` runs the agent's losses under that ``torch.compile`` mode (``qam_ray.core.compile``)
+and ``--device`` runs the agent there, with TF32 off on CUDA: the same tolerances hold in every mode.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from qam_ray.agents import agent_classes
 from qam_ray.agents.base import Agent, field_names
+from qam_ray.core.compile import COMPILE_MODES, disable_tf32
 
 
 class FixtureError(ValueError):
@@ -166,7 +168,8 @@ def flax_path(param_name: str, subs: dict[str, str | tuple[str, ...]]) -> tuple[
 class Fixture:
     """The .npz with bookkeeping of which arrays were compared (all of them must be)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, device: str = "cpu"):
+        self.device = torch.device(device)  # where tensor() puts inputs (the agent's device)
         self.data = np.load(path)
         self.config = json.loads(str(self.data["config_json"]))
         self.unread = set(self.data.files) - {"config_json", "config"}
@@ -181,7 +184,7 @@ class Fixture:
         return self.data[key]
 
     def tensor(self, key: str) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self[key]))
+        return torch.from_numpy(np.ascontiguousarray(self[key])).to(self.device)
 
     def keys(self, prefix: str) -> list[str]:
         return [k for k in self.data.files if k.startswith(prefix)]
@@ -270,12 +273,12 @@ def missing(name: str) -> Check:
     return Check(name, "exact", float("inf"), 0.0)
 
 
-def check_fixture(path: str) -> list[Check]:
-    fixture = Fixture(path)
+def check_fixture(path: str, compile: str = "none", device: str = "cpu") -> list[Check]:
+    fixture = Fixture(path, device)
     agent_cls = fixture_agent(fixture.config)
     tol = FORMATS[agent_cls.FIXTURE_FORMAT]
     hp = hyperparams_from_config(agent_cls, fixture.config)
-    agent, optimizers, subs = start_from_fixture(agent_cls, hp, fixture)
+    agent, optimizers, subs = start_from_fixture(agent_cls, hp, fixture, compile)
     for module in agent.FIXTURE_UNUSED_MODULES:  # in the official tree, never used: nothing of ours to compare
         for key in fixture.keys(""):
             if f"/modules_{module}/" in key:
@@ -295,7 +298,7 @@ def check_fixture(path: str) -> list[Check]:
         checks += check_update(agent, optimizers, subs, fixture, batch, prefix, f"update{update}/", snapshots,
                                agent.FIXTURE_UPDATE_KWARGS, options, tol)
     for prefix, kwargs in agent.FIXTURE_EXTRA_UPDATES.items():  # e.g. SAC Flow's offline `update`
-        agent, optimizers, subs = start_from_fixture(agent_cls, hp, fixture)
+        agent, optimizers, subs = start_from_fixture(agent_cls, hp, fixture, compile)
         snapshots = (f"{prefix}grads", f"{prefix}params_after", f"{prefix}adam_after")
         checks += check_update(agent, optimizers, subs, fixture, batch, prefix, prefix, snapshots, kwargs, {}, tol)
     for key in fixture.keys("params_before/"):
@@ -315,13 +318,16 @@ def fixture_batch(fixture: Fixture) -> dict[str, torch.Tensor]:
     return {**batch, "valid": torch.ones_like(batch["rewards"])}
 
 
-def start_from_fixture(agent_cls: type[Agent], hp, fixture: Fixture):
-    """Our agent with the fixture's initial parameters and fresh optimisers: (agent, optimizers, subs)."""
+def start_from_fixture(agent_cls: type[Agent], hp, fixture: Fixture, compile: str = "none"):
+    """Our agent on the fixture's device with the fixture's initial parameters, fresh optimisers and its losses
+    compiled in mode ``compile``: (agent, optimizers, subs)."""
     torch.manual_seed(0)  # the initialisation is overwritten by the fixture; seeded only for repeatability
     agent = agent_cls(hp)
     subs = load_parameters(agent, fixture)
+    agent.to(fixture.device)
     config = fixture.config
     optimizers = agent.make_optimizers(betas=(config["adam_b1"], config["adam_b2"]), eps=config["adam_eps"])
+    agent.compile_losses(compile)
     return agent, optimizers, subs
 
 
@@ -592,12 +598,17 @@ def report(path: str, checks: list[Check]) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("fixtures", nargs="+", help="fixture .npz files (e.g. tests/fixtures/*.npz)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                        help="torch.compile mode of the agents' losses (default: eager)")
+    parser.add_argument("--device", default="cpu", help="where the agent runs (cpu, cuda, cuda:1, ...)")
     args = parser.parse_args(argv)
     torch.set_default_dtype(torch.float32)
+    if torch.device(args.device).type == "cuda":
+        disable_tf32()
     all_ok = True
     for path in args.fixtures:
         try:
-            ok = report(path, check_fixture(path))
+            ok = report(path, check_fixture(path, args.compile, args.device))
         except (FixtureError, KeyError, OSError, ValueError) as exc:
             print(f"== {path}\n  ERROR: {exc}")
             ok = False

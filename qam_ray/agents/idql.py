@@ -128,6 +128,7 @@ class IDQLAgent(Agent):
         "actor_lr": 3e-4, "value_lr": 3e-4, "critic_lr": 3e-4, "step2_uses_same_batch": True}
     FIXTURE_CONFIG_NAMES = {"diffusion_steps": "T", "num_samples": "N"}
     FIXTURE_UNOFFICIAL_METRICS = ("total_loss",)
+    LOSS_FUNCTIONS = ("actor_losses", "value_losses", "critic_losses")  # one per optimiser step of `update`
 
     def __init__(self, hp: IDQLHyperparams):
         super().__init__(hp)

@@ -197,6 +197,7 @@ class SACFlowScratchAgent(Agent):
     Hyperparams = SACFlowScratchHyperparams
     PER_DOMAIN = PER_DOMAIN
     OFFLINE_DATA = False
+    LOSS_FUNCTIONS = ("critic_losses", "actor_losses")  # the two steps of `update`
 
     def __init__(self, hp: SACFlowScratchHyperparams):
         super().__init__(hp)

@@ -38,6 +38,7 @@ from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EVALUATION_RESULTS, LEAR
 
 from qam_ray.agents import agent_class, registry_hyperparams
 from qam_ray.agents.base import field_names
+from qam_ray.core.compile import compile_mode_error
 from qam_ray.data.shards import SHARD_INTERVAL
 from qam_ray.domains import domain_of_env
 from qam_ray.rllib.chunk_env import (ENV_ID, SuccessMetricsCallback, episode_means, episode_transitions,
@@ -85,6 +86,7 @@ class AgentConfig(AlgorithmConfig):
         self.dataset_replace_interval = SHARD_INTERVAL  # gradient steps per 100M shard (the reference's flag)
         self.sparse = False
         self.num_steps_per_iteration = 1000
+        self.compile = "none"  # torch.compile mode of the agent's losses on the learners (qam_ray.core.compile)
         # Offline: no training EnvRunners (RAY_NOTES B3); the learner skips RLlib's per-parameter isfinite syncs.
         self._is_online = False
         self.torch_skip_nan_gradients = True
@@ -122,10 +124,13 @@ class AgentConfig(AlgorithmConfig):
                     setattr(self, RLLIB_NAMES.get(name, name), getattr(defaults, name))
         self.method = method
 
-    def training(self, *, num_steps_per_iteration=NotProvided, dataset_replace_interval=NotProvided, **kwargs):
+    def training(self, *, num_steps_per_iteration=NotProvided, dataset_replace_interval=NotProvided,
+                 compile=NotProvided, **kwargs):
         """The agent's hyperparameters by name (e.g. ``inv_temp=3.0`` for QAM, ``alpha=30.0`` for FQL),
         ``num_steps_per_iteration`` (gradient steps per ``train()``), ``dataset_replace_interval`` (gradient steps
-        per shard of a 100M dataset, the reference's 1,000), and every RLlib training option
+        per shard of a 100M dataset, the reference's 1,000), ``compile`` (the learners' ``torch.compile`` mode of
+        the agent's losses: "none" (eager, the default), "default", "reduce-overhead" (+ CUDA graphs on a GPU) or
+        "max-autotune"; ``qam_ray.core.compile``), and every RLlib training option
         (``gamma``, ``lr``, ``tau``, ``grad_clip``, ``train_batch_size_per_learner``, …)."""
         for name in (*self.agent_fields(), "tau"):  # RLlib's base training() has no `tau` (its SAC config does)
             if name in kwargs:
@@ -136,6 +141,8 @@ class AgentConfig(AlgorithmConfig):
             self.num_steps_per_iteration = num_steps_per_iteration
         if dataset_replace_interval is not NotProvided:
             self.dataset_replace_interval = dataset_replace_interval
+        if compile is not NotProvided:
+            self.compile = compile
         return super().training(**kwargs)
 
     def ogbench(self, domain: str, task: int = 1, method: str | None = None, dataset_dir: str | None = None,
@@ -211,6 +218,8 @@ class AgentConfig(AlgorithmConfig):
         if not (isinstance(self.dataset_replace_interval, int) and self.dataset_replace_interval >= 1):
             errors.append(f"dataset_replace_interval={self.dataset_replace_interval!r}: must be an integer >= 1 "
                           "(gradient steps per 100M shard)")
+        if compile_mode_error(self.compile):
+            errors.append(compile_mode_error(self.compile))
         if self._is_online:
             errors += _online_errors(self)
         elif not self.agent_class.OFFLINE_DATA:
