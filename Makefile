@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 export MUJOCO_GL ?= egl
 
-.PHONY: run test bench clean-venv
+.PHONY: run test bench gpu-check clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -24,10 +24,17 @@ run: $(VENV)/.installed
 	$(PY) experiments/analyze.py --sweep qam-quickstart --out results/quickstart
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -v --durations=15  # one line per test as it runs; the slowest listed at the end
+	$(PY) -m pytest -v -n 2 --dist loadfile --durations=15  # 2 processes, a test file each at a time; one line per test as it finishes, the slowest at the end
 
 bench: $(VENV)/.installed
 	$(PY) experiments/benchmark.py --size full --steps 10 --repeats 3 --json results/benchmark_cpu.json
+
+# GPU numbers (experiments/gpu_check.sh): needs only torch, numpy and pytest, so no venv is built; the venv's
+# Python when there is one, else python3.  `make gpu-check DEVICE=cpu SMOKE=1` is the CI smoke run.
+DEVICE ?= cuda
+SMOKE ?= 0
+gpu-check:
+	DEVICE=$(DEVICE) SMOKE=$(SMOKE) PYTHON=$$(test -x $(PY) && echo $(PY) || echo python3) bash experiments/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV)

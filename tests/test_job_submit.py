@@ -93,7 +93,7 @@ def test_ray_job_submit_smoke_sweep_to_an_mlflow_server(tiny_dataset_dir, tmp_pa
     finally:
         stop_processes_with(ray_tmp)
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        server.wait(timeout=120)  # a loaded machine takes a while to wind the server's workers down
 
     from mlflow.tracking import MlflowClient
 

@@ -117,6 +117,18 @@ class _Unauthenticated(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def wait_for_process(matches, timeout: float = 60.0) -> psutil.Process:
+    """The first process whose argv ``matches``, polled: the launcher returns once it has forked the server, which
+    on a loaded machine can take a moment to exec its command line."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [p for p in psutil.process_iter(["cmdline"]) if matches(p.info["cmdline"] or [])]
+        if found or time.monotonic() > deadline:
+            assert found, f"no process started within {timeout} s"
+            return found[0]
+        time.sleep(0.5)
+
+
 def test_the_launchers_head_commands_start_an_authenticated_server(tmp_path):
     write_env, write_ini, start = launcher_mlflow_commands(load_yaml(LAUNCHER))
     data = tmp_path / "data" / "mlflow"
@@ -164,8 +176,7 @@ def test_the_launchers_head_commands_start_an_authenticated_server(tmp_path):
         admin = (values["MLFLOW_AUTH_ADMIN_USERNAME"], values["MLFLOW_AUTH_ADMIN_PASSWORD"])
         started = bash(local(start))
         assert started.returncode == 0, started.stderr
-        server = next(p for p in psutil.process_iter(["cmdline"])
-                      if str(data) in " ".join(p.info["cmdline"] or []) and "server" in (p.info["cmdline"] or []))
+        server = wait_for_process(lambda cmdline: str(data) in " ".join(cmdline) and "server" in cmdline)
         assert os.getpgid(server.pid) == sessions[-1]
         uri = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
