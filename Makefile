@@ -24,7 +24,7 @@ run: $(VENV)/.installed
 	$(PY) experiments/analyze.py --sweep qam-quickstart --out results/quickstart
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -v -n 2 --dist loadfile --durations=15  # 2 processes, a test file each at a time; one line per test as it finishes, the slowest at the end
+	$(PY) -m pytest -v --durations=15  # one line per test as it runs; the slowest listed at the end
 
 bench: $(VENV)/.installed
 	$(PY) experiments/benchmark.py --size full --steps 10 --repeats 3 --json results/benchmark_cpu.json
