@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# The library's default OMP_WAIT_POLICY=PASSIVE (qam_ray/__init__.py) keeps a contended loop from collapsing, but a
+# tiny update on 2 threads pays for it on a quiet machine (QAM small: 47 vs 20 ms per update, README "Speed").  The
+# suite is thousands of tiny updates, so it waits as libgomp does by default (spin 300,000 rounds, then sleep), set
+# before anything loads torch and inherited by the Ray workers it starts; the tests of the defaults themselves look
+# at OMP_WAIT_POLICY in fresh processes.
+os.environ.setdefault("GOMP_SPINCOUNT", "300000")
+
+import pytest  # noqa: E402
 
 from qam_ray.data.generate import generate_dataset
 
